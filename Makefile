@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` and `make test`. Both set up
+# everything on a fresh machine (virtualenv, dependencies, demo model).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= models/ctr
+DEMO_STAMP := $(DEMO_DIR)/.built-stamp
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo run test protos bench-worker bench-router bench-batching clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[worker,dev]'
+	touch $(STAMP)
+
+demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(STAMP) workers/demo_model.py
+	$(PY) -m workers.demo_model --out $(DEMO_DIR) --versions 1 2
+	touch $(DEMO_STAMP)
+
+run: install demo
+	$(PY) -m router serve
+
+test: install demo
+	$(PY) -m pytest
+
+protos: install
+	$(PY) -m protos.build
+
+bench-worker: install
+	$(PY) -m loadtest.bench_worker
+
+clean:
+	rm -rf $(VENV) models build *.egg-info
