@@ -1,0 +1,30 @@
+"""Session fixtures: demo SavedModels built once per test run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import TEST_VOCAB
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/ctr/{1,2}`` (demo CTR model) and ``<root>/tf1/1`` (a TF1-style export)."""
+    from workers.demo_model import build_tf1_model, build_version
+
+    root = tmp_path_factory.mktemp("models")
+    for version in (1, 2):
+        build_version(root / "ctr", version, vocab=TEST_VOCAB)
+    build_tf1_model(root / "tf1", 1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    yield tmp_path_factory.mktemp("logs")

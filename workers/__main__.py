@@ -1,0 +1,119 @@
+"""``python -m workers``: one TF-Serving-compatible worker process.
+
+    python -m workers --listen 127.0.0.1:0 --model ctr=models/ctr
+    python -m workers --listen unix:/tmp/w0.sock --model-config-file models.config
+    python -m workers --listen unix:/tmp/w0.sock --cpus 0-3 --intra-op-threads 4
+
+``--model NAME=BASE_PATH`` may repeat (version policy from ``--version-policy``:
+``latest``, ``latest:N``, ``all`` or ``specific:1,2``); ``--model-config-file``
+takes TF Serving's own models.config (text ModelServerConfig).  With neither,
+the worker starts empty and waits for HandleReloadConfigRequest.  When the
+port is bound the worker prints ``tfs-worker listening on ADDRESS``.
+``--cpus`` pins the process before TensorFlow starts its threads.  SIGTERM
+stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from google.protobuf import text_format
+
+from protos import config_pb2
+from workers import numa
+
+
+def parse_policy(text: str) -> config_pb2.ServableVersionPolicy:
+    policy = config_pb2.ServableVersionPolicy()
+    kind, _, arg = text.partition(":")
+    if kind == "latest":
+        policy.latest.num_versions = int(arg or 1)
+    elif kind == "all" and not arg:
+        policy.all.SetInParent()
+    elif kind == "specific" and arg:
+        policy.specific.versions.extend(int(v) for v in arg.split(","))
+    else:
+        raise argparse.ArgumentTypeError(f"bad version policy {text!r}: latest[:N], all or specific:V[,V...]")
+    return policy
+
+
+def build_config(args: argparse.Namespace) -> config_pb2.ModelServerConfig | None:
+    if args.model_config_file:
+        with open(args.model_config_file, encoding="utf-8") as f:
+            return text_format.Parse(f.read(), config_pb2.ModelServerConfig())
+    if not args.model:
+        return None
+    config = config_pb2.ModelServerConfig()
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model takes NAME=BASE_PATH, got {item!r}")
+        cfg = config.model_config_list.config.add(name=name, base_path=os.path.abspath(path))
+        cfg.model_platform = "tensorflow"
+        cfg.model_version_policy.CopyFrom(args.version_policy)
+    return config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT (port 0 picks a free one)")
+    p.add_argument("--model", action="append", default=[], help="NAME=BASE_PATH (repeatable)")
+    p.add_argument("--version-policy", type=parse_policy, default=parse_policy("latest"),
+                   help="for --model: latest[:N] (default latest:1), all, specific:V[,V...]")
+    p.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig)")
+    p.add_argument("--cpus", help="pin to this CPU list (e.g. 0-3,8) before TF starts")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="TF intra-op threads (0: TF default)")
+    p.add_argument("--inter-op-threads", type=int, default=0, help="TF inter-op threads (0: TF default)")
+    p.add_argument("--predict-threads", type=int, default=2, help="threads running TF calls")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="gRPC concurrency bound")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.cpus:
+        # Before TensorFlow is imported: affinity is inherited only by threads
+        # created afterwards.
+        numa.pin_current_process(numa.parse_cpulist(args.cpus))
+    config = build_config(args)
+
+    from workers import runtime, server  # imports TensorFlow
+
+    runtime.configure_threads(args.intra_op_threads or None, args.inter_op_threads or None)
+
+    def on_bound(address: str) -> None:
+        print(f"tfs-worker listening on {address}", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.serve(
+            args.listen,
+            config,
+            predict_threads=args.predict_threads,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            on_bound=on_bound,
+            stop=stop,
+        )
+
+    import uvloop
+
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()
