@@ -28,3 +28,26 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("logs")
+
+
+def build_strings_model(path: Path) -> None:
+    """A tiny model with a string input and a ``*_bytes`` output, for REST b64 tests."""
+    import tensorflow as tf
+
+    class Strings(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def serve(self, text: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {
+                "length": tf.cast(tf.strings.length(text), tf.int64),
+                "upper_bytes": tf.strings.upper(text),
+            }
+
+    module = Strings()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
+
+@pytest.fixture(scope="session")
+def strings_model(model_root: Path) -> Path:
+    base = model_root / "strings"
+    build_strings_model(base / "1")
+    return base

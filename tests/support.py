@@ -135,3 +135,126 @@ def outputs_of(response: Any) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+class RouterProcess:
+    """``python -m router serve`` on free ports, with a config written from ``config``."""
+
+    def __init__(self, config: dict[str, Any], *, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        import yaml
+
+        stamp = time.monotonic_ns()
+        config = {"grpc": {"port": 0}, "rest": {"port": 0}, **config}
+        self.config_path = log_dir / f"router-{stamp}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = log_dir / f"router-{stamp}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=child_env(),
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.grpc_port, self.rest_port = self._ports()
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.grpc_port}", options=[("grpc.max_receive_message_length", 2**31 - 1)]
+        )
+        self.url = f"http://127.0.0.1:{self.rest_port}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.decode().rstrip("\n"))
+
+    def _ports(self, timeout: float = 60.0) -> tuple[int, int]:
+        deadline = time.monotonic() + timeout
+        grpc_port = rest_port = None
+        while time.monotonic() < deadline and (grpc_port is None or rest_port is None):
+            for line in list(self.lines):
+                if "gRPC (TF Serving API):" in line:
+                    grpc_port = int(line.rsplit(":", 1)[1])
+                if "REST (TF Serving API):" in line:
+                    rest_port = int(line.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if grpc_port is None or rest_port is None:
+            self.kill()
+            raise RuntimeError(f"router did not start:\n{self.log()}")
+        return grpc_port, rest_port
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    def post(self, path: str, body: bytes | dict[str, Any], timeout: float = 30.0) -> tuple[int, bytes, dict[str, str]]:
+        import urllib.error
+        import urllib.request
+
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _, _ = self.get("/readyz", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"router not ready after {timeout}s:\n{self.log()}")
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        pids = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "workers" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.Error:  # exited while we looked
+                continue
+        return sorted(pids)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.channel.close()
+        self._log.close()
+        self._reader.join(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

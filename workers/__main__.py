@@ -72,8 +72,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inter-op-threads", type=int, default=0, help="TF inter-op threads (0: TF default)")
     p.add_argument("--predict-threads", type=int, default=2, help="threads running TF calls")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="gRPC concurrency bound")
+    p.add_argument("--parent-pid", type=int, default=0,
+                   help="exit when this process (the router) is gone, even if it was killed with SIGKILL")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """An orphaned worker would hold its CPUs and memory forever; leave with the parent."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logging.getLogger("workers").warning("parent %d is gone; stopping", parent)
+    stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        watch = loop.create_task(_watch_parent(args.parent_pid, stop)) if args.parent_pid else None
         await server.serve(
             args.listen,
             config,
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             on_bound=on_bound,
             stop=stop,
         )
+        if watch is not None:
+            watch.cancel()
 
     import uvloop
 

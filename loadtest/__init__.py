@@ -1,0 +1,1 @@
+"""Benchmarks of tfs-router and its workers (``python -m loadtest.bench_worker`` ...)."""

@@ -1,0 +1,448 @@
+"""Machinery shared by the benchmarks in ``loadtest``.
+
+* ``WorkerProcess`` / ``start_worker``: a ``python -m workers`` child process
+  on a free port, its stderr kept in a log file, stopped with SIGTERM.
+* ``closed_loop`` (asyncio) and ``sync_loop`` (plain calls): closed-loop load
+  generators that time every call and return a ``LoadResult`` (rate, rows/s,
+  latency percentiles, errors, and the CPU time used by chosen processes
+  during the measured window).
+* ``percentile``, ``print_table``, ``progress``, ``run_async`` (uvloop when
+  available) and ``cpu_seconds``.
+
+Nothing here imports TensorFlow, so router-side benchmarks can use it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTEN_PREFIX = "tfs-worker listening on "
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.max_send_message_length", 2**31 - 1),
+]
+
+T = TypeVar("T")
+
+
+# -- output ---------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout is kept for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], file: IO[str] | None = None) -> None:
+    """A plain aligned table: text columns left-aligned, numbers right-aligned."""
+    out = file or sys.stdout
+    cells = [[str(h) for h in headers]]
+    numeric = [True] * len(headers)
+    for row in rows:
+        cells.append([_cell(v) for v in row])
+        for i, v in enumerate(row):
+            if not isinstance(v, (int, float)):
+                numeric[i] = False
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    print(line(cells[0]), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in cells[1:]:
+        print(line(row), file=out)
+    out.flush()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+# -- statistics -----------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of already sorted values, linearly interpolated; NaN if empty."""
+    if not sorted_values:
+        return float("nan")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {q}")
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (default: this one), all threads."""
+    if pid is None or pid == os.getpid():
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # Field 2 (comm) may contain spaces; the fields after its closing ')' are fixed.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured.  Latencies are in seconds, sorted."""
+
+    label: str
+    concurrency: int
+    rows_per_call: int
+    seconds: float  # length of the measured window
+    latencies: list[float]  # successful calls that completed inside the window
+    errors: Counter[str] = field(default_factory=Counter)  # message -> count, warm-up included
+    cpu: dict[str, float] = field(default_factory=dict)  # process label -> cores used in the window
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def rate(self) -> float:
+        """Successful calls per second."""
+        return self.calls / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rate * self.rows_per_call
+
+    def latency_ms(self, q: float) -> float:
+        return percentile(self.latencies, q) * 1000
+
+    @property
+    def p50_ms(self) -> float:
+        return self.latency_ms(50)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.latency_ms(99)
+
+
+def _error_text(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):  # grpc.RpcError / AioRpcError
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Window:
+    """Samples CPU time of some processes at the start and end of the measured window."""
+
+    def __init__(self, cpu_pids: Mapping[str, int | None]) -> None:
+        self.cpu_pids = dict(cpu_pids)
+        self.start = self.end = 0.0
+        self._cpu0: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def open(self) -> None:
+        self._cpu0 = {k: cpu_seconds(p) for k, p in self.cpu_pids.items()}
+        self.start = time.perf_counter()
+
+    def close(self) -> None:
+        self.end = time.perf_counter()
+        wall = self.end - self.start
+        for k, p in self.cpu_pids.items():
+            try:
+                self.cpu[k] = (cpu_seconds(p) - self._cpu0[k]) / wall
+            except (OSError, ValueError):
+                self.cpu[k] = float("nan")
+
+
+# -- load generators ------------------------------------------------------------
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[Any]],
+    *,
+    concurrency: int,
+    seconds: float,
+    warmup: float = 1.0,
+    rows_per_call: int = 1,
+    label: str = "",
+    cpu_pids: Mapping[str, int | None] | None = None,
+) -> LoadResult:
+    """Keep ``concurrency`` calls of ``call()`` in flight for ``warmup + seconds``.
+
+    Each of ``concurrency`` tasks issues its next call as soon as the previous
+    one returns (closed loop: offered load adapts to the server).  Only calls
+    that complete inside the measured window (after ``warmup``) count towards
+    rate and latency; errors are counted over the whole run, warm-up included.  ``cpu_pids``
+    maps a label to a pid (``None``: this process) whose CPU use, in cores,
+    is sampled over the measured window.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    window = _Window(cpu_pids or {})
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    clock = time.perf_counter
+    t0 = clock()
+    measure_from = t0 + warmup
+    stop_at = measure_from + seconds
+
+    async def opener() -> None:
+        await asyncio.sleep(max(0.0, measure_from - clock()))
+        window.open()
+        await asyncio.sleep(max(0.0, stop_at - clock()))
+        window.close()
+
+    async def client() -> None:
+        while True:
+            start = clock()
+            if start >= stop_at:
+                return
+            try:
+                await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                errors[_error_text(exc)] += 1
+                continue
+            end = clock()
+            # Count completions inside the window (the unbiased throughput
+            # estimate in steady state), whenever the call started.
+            if measure_from <= end <= stop_at:
+                latencies.append(end - start)
+
+    await asyncio.gather(opener(), *(client() for _ in range(concurrency)))
+    latencies.sort()
+    return LoadResult(
+        label=label,
+        concurrency=concurrency,
+        rows_per_call=rows_per_call,
+        seconds=window.end - window.start,
+        latencies=latencies,
+        errors=errors,
+        cpu=window.cpu,
+    )
+
+
+def sync_loop(
+    call: Callable[[], Any],
+    *,
+    seconds: float,
+    warmup: float = 0.0,
+    rows_per_call: int = 1,
+    label: str = "",
+    cpu_pids: Mapping[str, int | None] | None = None,
+) -> LoadResult:
+    """Call ``call()`` back to back in this thread (concurrency 1) for ``warmup + seconds``."""
+    errors: Counter[str] = Counter()
+    clock = time.perf_counter
+    warm_until = clock() + warmup
+    while clock() < warm_until:
+        try:
+            call()
+        except Exception as exc:
+            errors[_error_text(exc)] += 1
+    window = _Window(cpu_pids or {})
+    latencies: list[float] = []
+    window.open()
+    stop_at = window.start + seconds
+    end = window.start
+    while end < stop_at:
+        start = clock()
+        try:
+            call()
+        except Exception as exc:
+            errors[_error_text(exc)] += 1
+            end = clock()
+            continue
+        end = clock()
+        latencies.append(end - start)
+    window.close()
+    latencies.sort()
+    return LoadResult(
+        label=label,
+        concurrency=1,
+        rows_per_call=rows_per_call,
+        seconds=window.end - window.start,
+        latencies=latencies,
+        errors=errors,
+        cpu=window.cpu,
+    )
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+# -- worker processes -----------------------------------------------------------
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """Environment of a child process: quiet TF logs and the repository on PYTHONPATH."""
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(overrides)
+    return env
+
+
+class WorkerProcess:
+    """A ``python -m workers`` child process.
+
+    ``WorkerProcess(args)`` starts it with ``--listen`` (default
+    ``127.0.0.1:0``) plus ``args`` and returns once the worker printed its
+    address (``.address``, e.g. ``127.0.0.1:40123`` or ``unix:/path``);
+    ``wait_serving()`` then waits until grpc.health says SERVING.  Its stderr
+    goes to ``.log_path`` (``log_tail()`` for error messages).  Use as a
+    context manager, or call ``terminate()`` (SIGTERM, then SIGKILL after
+    ``timeout``) in a ``finally``.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        listen: str = "127.0.0.1:0",
+        log_dir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"tfs-worker-{os.getpid()}-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.args = ["--listen", listen, *args]
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=dict(env) if env is not None else child_env(),
+            cwd=ROOT,
+        )
+        self.pid = self.proc.pid
+        self._address: list[str] = []
+        self._bound = threading.Event()
+        # Reads the address, then keeps draining stdout so the child never blocks on it.
+        threading.Thread(target=self._read_stdout, name=f"worker-{self.pid}-stdout", daemon=True).start()
+        try:
+            self.address = self._wait_address(start_timeout)
+        except BaseException:
+            self.terminate(timeout=5)
+            raise
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if not self._bound.is_set() and line.startswith(LISTEN_PREFIX):
+                self._address.append(line[len(LISTEN_PREFIX) :].strip())
+                self._bound.set()
+        self._bound.set()  # EOF: the child exited
+
+    def _wait_address(self, timeout: float) -> str:
+        if not self._bound.wait(timeout):
+            raise RuntimeError(f"worker did not bind within {timeout}s:\n{self.log_tail()}")
+        if not self._address:
+            self.proc.wait(5)
+            raise RuntimeError(f"worker exited with {self.proc.returncode} before binding:\n{self.log_tail()}")
+        return self._address[0]
+
+    def log_tail(self, chars: int = 5000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_serving(self, timeout: float = 120.0, service: str = "") -> float:
+        """Block until grpc.health reports SERVING; returns seconds since the process started."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        started = time.monotonic()
+        deadline = started + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.monotonic() - self.started_at
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"worker not SERVING after {timeout}s:\n{self.log_tail()}")
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit code.  Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+def start_worker(
+    models: Mapping[str, Path | str],
+    *extra_args: str,
+    listen: str = "127.0.0.1:0",
+    log_dir: Path | str | None = None,
+) -> WorkerProcess:
+    """Start a worker serving ``{name: base_path}`` with ``extra_args`` (e.g. ``--predict-threads 4``)."""
+    args: list[str] = []
+    for name, path in models.items():
+        args += ["--model", f"{name}={Path(path).resolve()}"]
+    return WorkerProcess([*args, *extra_args], listen=listen, log_dir=log_dir)

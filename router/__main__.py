@@ -1,0 +1,112 @@
+"""``tfs-router serve``: run the router (and its workers) until SIGTERM.
+
+    tfs-router serve                                  # embedded configs/local.yaml
+    tfs-router serve --config configs/local.yaml
+    tfs-router serve --model-name ctr --model-base-path models/ctr --workers 2
+    tfs-router serve --static 10.0.0.5:8500 --model-name ctr --model-base-path /models/ctr
+
+Quick flags override the config file; with --model-name/--model-base-path no
+config file is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from router import config as cfgmod
+from router import log as rlog
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tfs-router", description="TF Serving API router in front of a worker pool")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the router", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", help="YAML config file (default: the embedded configs/local.yaml)")
+    s.add_argument("--model-name", help="serve one model by this name (with --model-base-path)")
+    s.add_argument("--model-base-path", help="directory holding the model's numbered versions")
+    s.add_argument("--workers", type=int, help="number of worker processes to spawn")
+    s.add_argument("--static", nargs="+", metavar="ADDR", help="use these TF-Serving-compatible servers instead of spawning")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (TF Serving: 8500; 0 picks a free one)")
+    s.add_argument("--rest-port", type=int, help="REST port (TF Serving: 8501; 0 picks a free one)")
+    s.add_argument("--no-batching", action="store_true", help="turn request coalescing off for every model")
+    s.add_argument("--log-level", help="debug, info, warning, error")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> cfgmod.Config:
+    quick_model = args.model_name or args.model_base_path
+    if quick_model and not (args.model_name and args.model_base_path):
+        raise cfgmod.ConfigError("--model-name and --model-base-path go together")
+    base = cfgmod.load(args.config) if (args.config or not quick_model) else cfgmod.Config()
+    changes: dict[str, Any] = {}
+    if quick_model:
+        batching = base.models[0].batching if base.models else cfgmod.BatchingConfig()
+        changes["models"] = [{"name": args.model_name, "base_path": args.model_base_path,
+                              "batching": cfgmod.asdict_lists(batching)}]
+    if args.workers is not None:
+        changes["workers.count"] = args.workers
+    if args.static:
+        changes["workers.mode"] = "static"
+        changes["workers.addresses"] = list(args.static)
+    if args.grpc_port is not None:
+        changes["grpc.port"] = args.grpc_port
+    if args.rest_port is not None:
+        changes["rest.port"] = args.rest_port
+    if args.log_level:
+        changes["log.level"] = args.log_level
+    cfg = cfgmod.override(base, **changes) if changes or not base.models else base
+    if args.no_batching:
+        cfg = cfgmod.override(cfg, models=[{**cfgmod.asdict_lists(m), "batching": {
+            **cfgmod.asdict_lists(m.batching), "enabled": False}} for m in cfg.models])
+    return cfg
+
+
+async def serve(cfg: cfgmod.Config) -> int:
+    from router.app import App, describe
+
+    app = App(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        print(describe(app, cfg.rest.host), flush=True)
+        waiter = asyncio.ensure_future(app.wait_ready(cfg.workers.startup_timeout_s))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done() and waiter.result():
+            print("tfs-router ready", flush=True)
+        elif waiter.done():
+            print("tfs-router: models not available yet; still trying (see the log)", flush=True)
+        await stopper
+        waiter.cancel()
+    finally:
+        await app.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except cfgmod.ConfigError as exc:
+        print(f"tfs-router: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    rlog.setup(cfg.log.level, cfg.log.format, cfg.log.access_log)
+    # One series per label set is enough; *_created doubles the scrape for nothing.
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()
+    import uvloop
+
+    raise SystemExit(uvloop.run(serve(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Composition root: builds the router's parts and owns their start and stop order.
+
+Start: metrics, pool and control; both frontends bind (not ready yet); the
+workers start (spawned and supervised, or static addresses) and each is
+synced to the aspired versions as soon as it answers; background tasks
+poll the base paths and health-check the workers.  Ready when every model
+has an AVAILABLE version on some worker.
+
+Stop (SIGTERM): report not-ready, stop accepting and drain in-flight
+requests under ``shutdown_timeout_s``, cancel background tasks, close the
+worker channels, then stop the worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from router.config import Config
+from router.control import Control
+from router.dataplane import DataPlane
+from router.frontends.grpc_server import GrpcFrontend
+from router.frontends.http_server import RestFrontend
+from router.metrics import Metrics
+from router.pool import DEAD, READY, STARTING, Backend, GrpcTransport, Pool
+from workers import supervisor as sup
+
+log = logging.getLogger("router.app")
+
+HEALTH_FAILURES_BEFORE_DEAD = 3
+
+
+class App:
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry or CollectorRegistry())
+        w = config.workers
+        self._socket_dir: Path | None = None
+        if w.mode == "spawn":
+            if w.socket_dir:
+                self._socket_dir = Path(w.socket_dir)
+                self._socket_dir.mkdir(parents=True, exist_ok=True)
+                self._own_socket_dir = False
+            else:
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="tfs-router-"))
+                self._own_socket_dir = True
+            backends = [Backend(f"w{i}", f"unix:{self._socket_dir / f'w{i}.sock'}", w.max_inflight)
+                        for i in range(w.count)]
+        else:
+            backends = [Backend(addr, addr, w.max_inflight) for addr in w.addresses]
+        self.pool = Pool(backends, max_queued=config.limits.max_queued,
+                         on_inflight=lambda b: self.metrics.set_worker_inflight(b.name, b.inflight))
+        self.control = Control(config, self.pool, on_change=self._publish_states)
+        self.dataplane = DataPlane(self.control, self.pool, on_retry=self.metrics.retried)
+        self.grpc = GrpcFrontend(config, self.dataplane, self.metrics)
+        self.rest = RestFrontend(config, self.dataplane, self.control, self.metrics)
+        self.supervisor: sup.Supervisor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._health_failures: dict[str, int] = {}
+        self._ready = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def rest_port(self) -> int:
+        return self.rest.port
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _publish_states(self) -> None:
+        for b in self.pool.backends:
+            self.metrics.set_worker_state(b.name, b.state)
+        if self.control.ready() and not self._stopping:
+            if not self._ready.is_set():
+                self._ready.set()
+                log.info("ready: %s", {m.name: sorted(self.pool.available_versions(m.name))
+                                       for m in self.config.models})
+                self._spawn(self.grpc.set_serving(True), "grpc-serving")
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.control.aspired = await asyncio.to_thread(self.control.scan)
+        for m in self.config.models:
+            if not self.control.aspired[m.name]:
+                log.warning("model %s: no version directories under %s yet", m.name, m.base_path)
+        await self.grpc.start()
+        await self.rest.start()
+        self.rest.accepting = True
+        self._publish_states()
+        w = self.config.workers
+        if w.mode == "spawn":
+            assert self._socket_dir is not None
+            specs = sup.worker_specs(
+                w.count, self._socket_dir, numa=w.numa, sysfs_root=w.sysfs_root,
+                cpus_per_worker=w.cpus_per_worker, intra_op_threads=w.intra_op_threads,
+                inter_op_threads=w.inter_op_threads, predict_threads=w.predict_threads,
+                allocator=w.allocator, extra_args=("--parent-pid", str(os.getpid())),
+            )
+            for spec in specs:
+                log.info("worker w%d: cpus %s", spec.index, list(spec.cpus) or "any")
+            self.supervisor = sup.Supervisor(
+                specs, self._on_worker_event, backoff_initial=w.restart_backoff_s,
+                backoff_max=w.restart_backoff_max_s, startup_timeout=w.startup_timeout_s,
+            )
+            await self.supervisor.start()
+        else:
+            for b in self.pool.backends:
+                self._connect(b)
+        self._spawn(self.control.poll_forever(self.config.poll_interval_s), "poll")
+        self._spawn(self._health_loop(), "health")
+
+    def _connect(self, backend: Backend) -> None:
+        old = backend.transport
+        if old is not None:
+            self._spawn(old.close(), f"close-{backend.name}")
+        backend.generation += 1
+        backend.transport = GrpcTransport(backend.address)
+        backend.state = STARTING
+        backend.versions = {}
+        self._health_failures[backend.name] = 0
+        self._publish_states()
+        self._spawn(self.control.sync(backend), f"sync-{backend.name}")
+
+    async def _on_worker_event(self, index: int, event: str, info: dict[str, Any]) -> None:
+        backend = self.pool.backends[index]
+        if event == "started":
+            log.info("worker %s started (pid %s)", backend.name, info.get("pid"))
+            self._connect(backend)
+        elif event == "exited":
+            log.warning("worker %s exited (pid %s, code %s)", backend.name, info.get("pid"), info.get("returncode"))
+            self._mark_dead(backend)
+            if not self._stopping:
+                self.metrics.worker_restarted(backend.name)
+
+    def _mark_dead(self, backend: Backend) -> None:
+        backend.state = DEAD
+        backend.versions = {}
+        backend.generation += 1
+        self.pool.fail_waiters()
+        self._publish_states()
+
+    async def _health_loop(self) -> None:
+        interval = self.config.workers.health_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            for b in list(self.pool.backends):
+                if b.transport is None or self._stopping:
+                    continue
+                healthy = await b.transport.healthy(timeout=max(0.5, interval))
+                if healthy:
+                    self._health_failures[b.name] = 0
+                    if b.state == DEAD and self.config.workers.mode == "static":
+                        log.info("worker %s answers again; re-syncing", b.name)
+                        self._connect(b)
+                    continue
+                self._health_failures[b.name] = self._health_failures.get(b.name, 0) + 1
+                if b.state == READY and self._health_failures[b.name] >= HEALTH_FAILURES_BEFORE_DEAD:
+                    log.warning("worker %s failed %d health checks; taking it out of rotation",
+                                b.name, self._health_failures[b.name])
+                    self._mark_dead(b)
+            self._publish_states()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # -- stop ----------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.shutdown_timeout_s
+        log.info("shutting down: draining for up to %.1fs", grace)
+        self.rest.accepting = False
+        try:
+            await self.grpc.set_serving(False)
+        except Exception:  # health state is best effort during shutdown
+            pass
+        await asyncio.gather(self.grpc.stop(grace), self.rest.stop(), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for b in self.pool.backends:
+            if b.transport is not None:
+                await b.transport.close()
+                b.transport = None
+        if self.supervisor is not None:
+            await self.supervisor.stop(timeout=grace)
+        if self._socket_dir is not None and self._own_socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        log.info("stopped")
+
+
+def describe(app: App, host: str) -> str:
+    """Where to point clients, printed by ``tfs-router serve``."""
+    models = ", ".join(m.name for m in app.config.models)
+    first = app.config.models[0].name
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    return (
+        f"tfs-router serving {models}\n"
+        f"  gRPC (TF Serving API): {shown}:{app.grpc_port}\n"
+        f"  REST (TF Serving API): http://{shown}:{app.rest_port}/v1/models/{first}\n"
+        f"  metrics:               http://{shown}:{app.rest_port}/monitoring/prometheus/metrics\n"
+        f"  try: curl http://{shown}:{app.rest_port}/v1/models/{first}"
+    )
+

@@ -1,0 +1,260 @@
+"""Router configuration: frozen dataclasses, validated on load.
+
+A YAML file (``tfs-router serve --config FILE``) or the embedded default
+(``configs/local.yaml``) is read into ``Config``.  Unknown keys are an error
+naming their path (``models[0].batching.max_batch_sise: unknown key``), as are
+wrong types and out-of-range values: a typo must never be silently ignored.
+Every field has a default, so the smallest config names one model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the offending path."""
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    host: str = "0.0.0.0"
+    port: int = 8500
+    max_concurrent_rpcs: int = 4096
+    max_message_bytes: int = 2**31 - 1  # TF Serving accepts up to 2 GB
+
+
+@dataclass(frozen=True)
+class RestConfig:
+    host: str = "0.0.0.0"
+    port: int = 8501
+    max_body_bytes: int = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    mode: str = "spawn"  # spawn: start and supervise local processes; static: use addresses
+    count: int = 2
+    addresses: tuple[str, ...] = ()
+    socket_dir: str = ""  # spawn: where the Unix sockets live (default: a private temp dir)
+    numa: bool = True  # pin each worker to one NUMA node's CPUs and memory
+    sysfs_root: str = "/sys/devices/system/node"
+    cpus_per_worker: int = 0  # 0: split each node's CPUs evenly among its workers
+    intra_op_threads: int = 0  # 0: the worker's CPU count
+    inter_op_threads: int = 0  # 0: 1 or 2 by CPU count
+    predict_threads: int = 2
+    max_inflight: int = 4  # requests (later: batches) in flight per worker
+    allocator: str = ""  # a malloc .so to LD_PRELOAD into workers (e.g. jemalloc)
+    health_interval_s: float = 1.0
+    startup_timeout_s: float = 180.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    enabled: bool = True
+    max_batch_size: int = 256  # rows
+    batch_timeout_micros: int = 0  # 0: dispatch as soon as a worker slot frees
+    max_inflight_batches: int = 2  # per worker
+    allowed_batch_sizes: tuple[int, ...] = ()
+    max_enqueued: int = 8192  # rows waiting per queue
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    base_path: str
+    version_policy: str = "latest"  # latest | latest:N | all | specific:V[,V...]
+    version_labels: dict[str, int] = field(default_factory=dict)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def policy(self) -> tuple[str, tuple[int, ...]]:
+        """(kind, numbers): ("latest", (N,)), ("all", ()), ("specific", (v, ...))."""
+        kind, _, arg = self.version_policy.partition(":")
+        if kind == "latest":
+            return kind, (int(arg or 1),)
+        if kind == "all" and not arg:
+            return kind, ()
+        if kind == "specific" and arg:
+            return kind, tuple(sorted({int(v) for v in arg.split(",")}))
+        raise ValueError(self.version_policy)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    default_deadline_s: float = 10.0  # when the client sends none (REST always)
+    max_queued: int = 1024  # requests waiting for a worker slot, per model
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"  # text | json
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[ModelConfig, ...] = ()
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    rest: RestConfig = field(default_factory=RestConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    poll_interval_s: float = 1.0  # how often base paths are scanned for new versions
+    shutdown_timeout_s: float = 10.0
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+# -- loading --------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{_join(path, str(key))}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {key: _convert(hints[key], value, _join(path, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, {} if value is None else value, path)
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {_convert(key_t, k, path): _convert(val_t, v, f"{path}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported config type {hint}")  # pragma: no cover
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    names = [m.name for m in cfg.models]
+    if not names:
+        raise ConfigError("models: at least one model is required")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"models: duplicate model names {names}")
+    for i, m in enumerate(cfg.models):
+        where = f"models[{i}]"
+        if not m.name or "/" in m.name or ":" in m.name:
+            raise ConfigError(f"{where}.name: {m.name!r} is not a valid model name")
+        try:
+            m.policy()
+        except ValueError:
+            raise ConfigError(
+                f"{where}.version_policy: {m.version_policy!r} (use latest, latest:N, all or specific:V[,V...])"
+            ) from None
+        b = m.batching
+        for key in ("max_batch_size", "max_inflight_batches", "max_enqueued"):
+            if getattr(b, key) < 1:
+                raise ConfigError(f"{where}.batching.{key}: must be at least 1")
+        if b.batch_timeout_micros < 0:
+            raise ConfigError(f"{where}.batching.batch_timeout_micros: must be >= 0")
+        sizes = list(b.allowed_batch_sizes)
+        if sizes and (sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != b.max_batch_size):
+            raise ConfigError(
+                f"{where}.batching.allowed_batch_sizes: must increase strictly and end at max_batch_size"
+            )
+    w = cfg.workers
+    if w.mode not in ("spawn", "static"):
+        raise ConfigError(f"workers.mode: {w.mode!r} (use spawn or static)")
+    if w.mode == "spawn" and w.count < 1:
+        raise ConfigError("workers.count: must be at least 1")
+    if w.mode == "static" and not w.addresses:
+        raise ConfigError("workers.addresses: static mode needs at least one address")
+    if w.max_inflight < 1:
+        raise ConfigError("workers.max_inflight: must be at least 1")
+    for port, where in ((cfg.grpc.port, "grpc.port"), (cfg.rest.port, "rest.port")):
+        if not 0 <= port < 65536:
+            raise ConfigError(f"{where}: {port} is not a port")
+    if cfg.log.format not in ("text", "json"):
+        raise ConfigError(f"log.format: {cfg.log.format!r} (use text or json)")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg: Config = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read and validate a config file (the embedded default when ``path`` is None)."""
+    source = Path(path) if path else EMBEDDED_CONFIG
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {source}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def override(cfg: Config, **changes: Any) -> Config:
+    """A copy with dotted-path overrides, e.g. ``override(cfg, **{"grpc.port": 0})``."""
+    data = dataclasses.asdict(cfg)
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return from_dict(_lists(data))
+
+
+def asdict_lists(obj: Any) -> Any:
+    """A config dataclass as the plain dict/list data the loader takes."""
+    return _lists(dataclasses.asdict(obj))
+
+
+def _lists(value: Any) -> Any:
+    """asdict gives tuples; the loader expects YAML's lists."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value

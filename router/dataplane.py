@@ -1,0 +1,137 @@
+"""The protocol-agnostic data plane: both frontends call this and nothing below it.
+
+A Predict is resolved to a version (TF Serving's rules, over the pool),
+validated against that version's cached signature (so bad input never costs
+a worker anything), normalized (explicit version, resolved signature name,
+inputs serialized in sorted order by the transport) and dispatched to a
+worker slot with the caller's remaining deadline.  A request whose worker
+dies or turns out not to hold the version any more is retried once on
+another worker; every other error goes back to the client as the worker said
+it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from google.protobuf import any_pb2
+
+from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
+from router.control import Control
+from router.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from router.pool import Backend, Pool, Transport, TransportError
+from router.wire.signature import Signature, find_signature
+
+log = logging.getLogger("router.dataplane")
+
+SIGNATURE_DEF_MAP_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+
+T = TypeVar("T")
+RetryHook = Callable[[str, str], None]
+
+
+class DataPlane:
+    def __init__(self, control: Control, pool: Pool, *, on_retry: RetryHook | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.control = control
+        self.pool = pool
+        self._on_retry = on_retry or (lambda model, reason: None)
+        self._clock = clock
+
+    def signature(self, spec: model_pb2.ModelSpec) -> tuple[int, Signature]:
+        """Resolve a ModelSpec to (version, signature) from the cache."""
+        version = self.control.resolve(spec)
+        meta = self.control.metadata(spec.name, version)
+        return version, find_signature(meta.signatures, spec.signature_name)
+
+    async def predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        version, sig = self.signature(spec)
+        sig.validate(request.inputs, request.output_filter)
+        spec.version.value = version  # explicit from here on (clears a label)
+        spec.signature_name = sig.name
+
+        async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
+            return await transport.predict(request, timeout)
+
+        return await self.dispatch(spec.name, version, call, deadline)
+
+    async def dispatch(
+        self, model: str, version: int, call: Callable[[Transport, float], Awaitable[T]], deadline: float
+    ) -> T:
+        """Run ``call`` on a worker slot; one retry elsewhere if the worker fails under it."""
+        exclude: Backend | None = None
+        for attempt in (0, 1):
+            backend = await self.pool.acquire(model, version, deadline, exclude)
+            try:
+                timeout = deadline - self._clock()
+                if timeout <= 0:
+                    raise DeadlineExceeded("deadline exceeded before the request reached a worker")
+                assert backend.transport is not None
+                return await call(backend.transport, timeout)
+            except TransportError:
+                if attempt or not self._others(model, version, backend):
+                    raise
+                self._on_retry(model, "worker_unavailable")
+                log.warning("worker %s failed under a request; retrying elsewhere", backend.name)
+            except NotFound:
+                # The worker dropped the version between the router's view and the call.
+                if attempt or not self._others(model, version, backend):
+                    raise
+                self._on_retry(model, "version_moved")
+            finally:
+                self.pool.release(backend)
+            exclude = backend
+        raise Unavailable("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _others(self, model: str, version: int, backend: Backend) -> bool:
+        return any(b is not backend for b in self.pool.holders(model, version))
+
+    def metadata(self, request: metadata_pb2.GetModelMetadataRequest) -> metadata_pb2.GetModelMetadataResponse:
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            bad = [f for f in fields if f != "signature_def"]
+            raise InvalidArgument(f"Metadata field {bad[0]} is not supported" if bad
+                                  else "GetModelMetadataRequest must specify at least one metadata_field")
+        spec = request.model_spec
+        version = self.control.resolve(spec)
+        meta = self.control.metadata(spec.name, version)
+        response = metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = version
+        response.metadata["signature_def"].CopyFrom(
+            any_pb2.Any(type_url=SIGNATURE_DEF_MAP_URL,
+                        value=meta.signature_def_map.SerializeToString(deterministic=True)))
+        return response
+
+    def status(self, request: status_pb2.GetModelStatusRequest) -> status_pb2.GetModelStatusResponse:
+        return self.control.status(request.model_spec)
+
+    async def forward(self, method: str, body: bytes, deadline: float) -> bytes:
+        """Classify / Regress: forwarded unchanged to a worker holding the version.
+
+        Their ModelSpec is field 1, like GetModelStatusRequest's, which is how
+        it is read here without modelling the rest of the message.
+        """
+        try:
+            spec = status_pb2.GetModelStatusRequest.FromString(body).model_spec
+        except Exception as exc:
+            raise InvalidArgument(f"cannot parse request: {exc}") from exc
+        version = self.control.resolve(spec)
+
+        async def call(transport: Transport, timeout: float) -> bytes:
+            return await transport.raw(method, body, timeout)
+
+        return await self.dispatch(spec.name, version, call, deadline)
+
+    async def forward_any(self, method: str, body: bytes, deadline: float) -> bytes:
+        """MultiInference: its tasks may name several models; any ready worker answers."""
+        ready = [b for b in self.pool.backends if b.routable]
+        if not ready:
+            raise Unavailable("no ready worker")
+        backend = min(ready, key=lambda b: b.inflight)
+        assert backend.transport is not None
+        return await backend.transport.raw(method, body, max(0.001, deadline - self._clock()))

@@ -1,0 +1,164 @@
+"""gRPC frontend: TF Serving's PredictionService and ModelService, unchanged for clients.
+
+Served with generic handlers under the official method paths and the
+project's own messages (no TensorFlow import).  grpc.aio with
+``maximum_concurrent_rpcs``: past it gRPC itself answers RESOURCE_EXHAUSTED,
+so a burst can never grow threads or memory without bound (seed 001).
+Message limits are TF Serving's 2 GB, not gRPC's 4 MB default.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
+from router import log as rlog
+from router.config import Config
+from router.dataplane import DataPlane
+from router.errors import Internal, ServingError, Unimplemented
+from router.metrics import Metrics
+
+logger = logging.getLogger("router.grpc")
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+
+class GrpcFrontend:
+    def __init__(self, config: Config, dataplane: DataPlane, metrics: Metrics) -> None:
+        self.config = config
+        self.dp = dataplane
+        self.metrics = metrics
+        self._model_names = frozenset(m.name for m in config.models)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    def _label(self, model: str) -> str:
+        """Unknown model names share one label: a URL must not mint new series."""
+        return model if model in self._model_names else "_unknown"
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self.config.limits.default_deadline_s
+        return time.monotonic() + remaining
+
+    def _handler(self, api: str, model_of: Callable[[Any], str],
+                 fn: Callable[[Any, float], Awaitable[Any]]) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        metrics = self.metrics
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            token = rlog.bind_request_id(rlog.new_request_id())
+            code = "OK"
+            model = ""
+            try:
+                model = model_of(request)
+                return await fn(request, self._deadline(context))
+            except ServingError as exc:
+                code = exc.code.name
+                await context.abort(exc.code, exc.message)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                code = "INTERNAL"
+                logger.exception("unexpected error in %s", api)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            finally:
+                elapsed = time.perf_counter() - start
+                metrics.observe_request(self._label(model), api, "grpc", code, elapsed)
+                rlog.access(api, model, code, elapsed, "grpc")
+                rlog.request_id.reset(token)
+
+        return handle
+
+    async def _predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
+        return await self.dp.predict(request, deadline)
+
+    async def _metadata(self, request: metadata_pb2.GetModelMetadataRequest, deadline: float) -> metadata_pb2.GetModelMetadataResponse:
+        return self.dp.metadata(request)
+
+    async def _status(self, request: status_pb2.GetModelStatusRequest, deadline: float) -> status_pb2.GetModelStatusResponse:
+        return self.dp.status(request)
+
+    async def _reload(self, request: config_pb2.ReloadConfigRequest, deadline: float) -> config_pb2.ReloadConfigResponse:
+        raise Unimplemented(
+            "the router decides which versions its workers hold (from its config and the model base "
+            "paths); change the config or the version directories instead"
+        )
+
+    def _forward(self, method: str) -> Callable[[bytes, float], Awaitable[bytes]]:
+        path = f"/{PREDICTION_SERVICE}/{method}"
+
+        async def forward(body: bytes, deadline: float) -> bytes:
+            if method == "MultiInference":
+                return await self.dp.forward_any(path, body, deadline)
+            return await self.dp.forward(path, body, deadline)
+
+        return forward
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        def unary(api: str, fn: Any, req: Any = None, resp: Any = None,
+                  model_of: Callable[[Any], str] = lambda r: r.model_spec.name) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                self._handler(api, model_of, fn),
+                request_deserializer=req.FromString if req else None,
+                response_serializer=resp.SerializeToString if resp else None,
+            )
+
+        raw_model: Callable[[Any], str] = lambda body: ""
+        prediction = {
+            "Predict": unary("Predict", self._predict, predict_pb2.PredictRequest, predict_pb2.PredictResponse),
+            "GetModelMetadata": unary("GetModelMetadata", self._metadata, metadata_pb2.GetModelMetadataRequest,
+                                      metadata_pb2.GetModelMetadataResponse),
+            "Classify": unary("Classify", self._forward("Classify"), model_of=raw_model),
+            "Regress": unary("Regress", self._forward("Regress"), model_of=raw_model),
+            "MultiInference": unary("MultiInference", self._forward("MultiInference"), model_of=raw_model),
+        }
+        model = {
+            "GetModelStatus": unary("GetModelStatus", self._status, status_pb2.GetModelStatusRequest,
+                                    status_pb2.GetModelStatusResponse),
+            "HandleReloadConfigRequest": unary("HandleReloadConfigRequest", self._reload, config_pb2.ReloadConfigRequest,
+                                               config_pb2.ReloadConfigResponse),
+        }
+        return [
+            grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
+            grpc.method_handlers_generic_handler(MODEL_SERVICE, model),
+        ]
+
+    async def start(self) -> int:
+        cfg = self.config.grpc
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        server.add_generic_rpc_handlers(self.handlers())
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise Internal(f"cannot bind gRPC port {cfg.host}:{cfg.port}")
+        await self.set_serving(False)
+        await server.start()
+        self.server = server
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", PREDICTION_SERVICE):
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float) -> None:
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)

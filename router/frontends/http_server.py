@@ -1,0 +1,196 @@
+"""REST frontend: TF Serving's REST API, plus health and metrics endpoints.
+
+    POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict
+    GET  /v1/models/{name}[/versions/{v}|/labels/{l}]            (status)
+    GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata
+    GET  /healthz  /readyz  /metrics  /monitoring/prometheus/metrics
+
+Paths are matched with TF Serving's own patterns, errors are ``{"error":
+"..."}`` with its status mapping, and every predict response carries the
+serving version in ``x-model-version``.  JSON goes through orjson; dtypes
+come from the cached signature.  No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from google.protobuf import json_format
+
+from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
+from router import log as rlog
+from router.config import Config
+from router.control import Control
+from router.dataplane import DataPlane
+from router.errors import InvalidArgument, NotFound, ServingError, Unimplemented
+from router.metrics import Metrics
+from router.wire import rest_json
+from router.wire.signature import find_signature
+from router.wire.tensor import from_numpy, to_numpy
+
+logger = logging.getLogger("router.rest")
+
+_PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
+_MODEL = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?")
+JSON = "application/json"
+
+
+def _spec(name: str, version: str | None, label: str | None) -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=name)
+    if version is not None:
+        try:
+            spec.version.value = int(version)
+        except ValueError:
+            raise InvalidArgument(f"Failed to convert version: {version} to numeric.") from None
+    elif label is not None:
+        spec.version_label = label
+    return spec
+
+
+def _to_json(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return result
+
+
+class RestFrontend:
+    def __init__(self, config: Config, dataplane: DataPlane, control: Control, metrics: Metrics) -> None:
+        self.config = config
+        self.dp = dataplane
+        self.control = control
+        self.metrics = metrics
+        self._model_names = frozenset(m.name for m in config.models)
+        self.accepting = False
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def _label(self, model: str) -> str:
+        """Unknown model names share one label: a URL must not mint new series."""
+        return model if model in self._model_names else "_unknown"
+
+    # -- handlers ------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        start = time.perf_counter()
+        token = rlog.bind_request_id(rlog.new_request_id())
+        api, model, code = "unknown", "", "OK"
+        headers: dict[str, str] = {}
+        try:
+            path = request.path
+            if request.method == "POST":
+                m = _PREDICT.fullmatch(path)
+                if m is None:
+                    raise NotFound(f"Malformed request: POST {path}")
+                model, version, label, verb = m.groups()
+                api = verb.capitalize()
+                if api != "Predict":
+                    raise Unimplemented(f"{verb} is not supported by this router's REST API; use gRPC")
+                body, headers = await self._predict(request, _spec(model, version, label))
+            elif request.method == "GET":
+                m = _MODEL.fullmatch(path)
+                if m is None or m.group(1) is None:
+                    raise NotFound(f"Malformed request: GET {path}")
+                model, version, label, metadata = m.groups()
+                spec = _spec(model, version, label)
+                if metadata:
+                    api = "GetModelMetadata"
+                    body = orjson.dumps(self._metadata_json(spec))
+                else:
+                    api = "GetModelStatus"
+                    body = orjson.dumps(_to_json(self.dp.status(status_pb2.GetModelStatusRequest(model_spec=spec))))
+            else:
+                raise InvalidArgument(f"Unsupported HTTP method: {request.method}")
+            return web.Response(body=body, content_type=JSON, headers=headers)
+        except ServingError as exc:
+            code = exc.code.name
+            return web.Response(body=rest_json.error_body(exc.message), status=exc.http_status,
+                                content_type=JSON, headers=exc.headers())
+        except Exception as exc:
+            code = "INTERNAL"
+            logger.exception("unexpected error on %s %s", request.method, request.path)
+            return web.Response(body=rest_json.error_body(f"{type(exc).__name__}: {exc}"), status=500,
+                                content_type=JSON)
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.observe_request(self._label(model), api, "rest", code, elapsed)
+            rlog.access(api, model, code, elapsed, "rest")
+            rlog.request_id.reset(token)
+
+    async def _predict(self, request: web.Request, spec: model_pb2.ModelSpec) -> tuple[bytes, dict[str, str]]:
+        deadline = time.monotonic() + self.config.limits.default_deadline_s
+        version = self.control.resolve(spec)
+        meta = self.control.metadata(spec.name, version)
+
+        def input_dtypes(signature_name: str) -> dict[str, int]:
+            sig = find_signature(meta.signatures, signature_name)
+            return {name: s.dtype for name, s in sig.inputs.items()}
+
+        parsed = rest_json.parse_predict_body(await request.read(), input_dtypes)
+        sig = find_signature(meta.signatures, parsed.signature_name)
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = spec.name
+        req.model_spec.version.value = version
+        req.model_spec.signature_name = sig.name
+        for name, array in parsed.inputs.items():
+            req.inputs[name].CopyFrom(from_numpy(array, sig.inputs[name].dtype if name in sig.inputs else None))
+        resp = await self.dp.predict(req, deadline)
+        outputs = {name: to_numpy(t) for name, t in resp.outputs.items()}
+        body = rest_json.format_predict_response(outputs, parsed.row_format)
+        return body, {"x-model-version": str(resp.model_spec.version.value)}
+
+    def _metadata_json(self, spec: model_pb2.ModelSpec) -> dict[str, Any]:
+        resp = self.dp.metadata(metadata_pb2.GetModelMetadataRequest(model_spec=spec, metadata_field=["signature_def"]))
+        sigmap = metadata_pb2.SignatureDefMap.FromString(resp.metadata["signature_def"].value)
+        return {
+            "model_spec": {"name": resp.model_spec.name, "signature_name": "",
+                           "version": str(resp.model_spec.version.value)},
+            "metadata": {"signature_def": _to_json(sigmap)},
+        }
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status": "ok"}', content_type=JSON)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self.accepting and self.control.ready()
+        available = {m.name: sorted(self.control.pool.available_versions(m.name)) for m in self.config.models}
+        body = orjson.dumps({"ready": ready, "available_versions": available})
+        return web.Response(body=body, status=200 if ready else 503, content_type=JSON)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.rest.max_body_bytes)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/monitoring/prometheus/metrics", self._metrics)
+        app.router.add_route("*", "/v1/models{tail:.*}", self._models)
+        return app
+
+    async def start(self) -> int:
+        cfg = self.config.rest
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.host, cfg.port, reuse_port=False)
+        await site.start()
+        server = site._server  # aiohttp exposes bound sockets only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else cfg.port
+        return self.port
+
+    async def stop(self) -> None:
+        self.accepting = False
+        if self.runner is not None:
+            await self.runner.cleanup()

@@ -1,0 +1,288 @@
+"""Worker membership and state as the router sees it, and the transport seam.
+
+A ``Backend`` is one worker: its address, its state (starting, loading,
+ready, draining, dead), which model versions it holds and how many requests
+it has in flight.  All calls to it go through a ``Transport``: the real one
+speaks TF Serving's gRPC API over a grpc.aio channel (Unix socket or TCP);
+tests may substitute a fake here and only here.
+
+The ``Pool`` hands out worker slots: a request takes a slot on a ready worker
+that holds its version (power of two choices among those with a free slot) or
+waits, in a bounded FIFO, until one frees.  A freed slot goes straight to the
+oldest waiter that can use it, so waiting is fair and costs no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
+from router.balancer import pick_two
+from router.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable, from_code
+
+log = logging.getLogger("router.pool")
+
+STARTING, LOADING, READY, DRAINING, DEAD = "starting", "loading", "ready", "draining", "dead"
+STATES = (STARTING, LOADING, READY, DRAINING, DEAD)
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+class TransportError(Unavailable):
+    """The worker could not be reached or went away mid-call: safe to retry elsewhere."""
+
+
+class Transport(Protocol):
+    async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
+    async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse: ...
+    async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse: ...
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse: ...
+    async def raw(self, method: str, body: bytes, timeout: float) -> bytes: ...
+    async def healthy(self, timeout: float) -> bool: ...
+    async def close(self) -> None: ...
+
+
+def _deterministic(message: Any) -> bytes:
+    # Sorted map keys: the inputs map reaches the worker in one canonical order.
+    data: bytes = message.SerializeToString(deterministic=True)
+    return data
+
+
+class GrpcTransport:
+    """TF Serving's gRPC API over one grpc.aio channel."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        ch = self.channel
+        self._predict = ch.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                                       _deterministic, predict_pb2.PredictResponse.FromString)
+        self._metadata = ch.unary_unary("/tensorflow.serving.PredictionService/GetModelMetadata",
+                                        _deterministic, metadata_pb2.GetModelMetadataResponse.FromString)
+        self._status = ch.unary_unary("/tensorflow.serving.ModelService/GetModelStatus",
+                                      _deterministic, status_pb2.GetModelStatusResponse.FromString)
+        self._reload = ch.unary_unary("/tensorflow.serving.ModelService/HandleReloadConfigRequest",
+                                      _deterministic, config_pb2.ReloadConfigResponse.FromString)
+        from grpc_health.v1 import health_pb2
+
+        self._health_req = health_pb2.HealthCheckRequest(service="")
+        self._serving = health_pb2.HealthCheckResponse.SERVING
+        self._health = ch.unary_unary("/grpc.health.v1.Health/Check",
+                                      health_pb2.HealthCheckRequest.SerializeToString,
+                                      health_pb2.HealthCheckResponse.FromString)
+
+    async def _call(self, stub: Any, request: Any, timeout: float) -> Any:
+        try:
+            return await stub(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+
+    async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+        result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout)
+        return result
+
+    async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse:
+        result: metadata_pb2.GetModelMetadataResponse = await self._call(self._metadata, request, timeout)
+        return result
+
+    async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse:
+        result: status_pb2.GetModelStatusResponse = await self._call(self._status, request, timeout)
+        return result
+
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse:
+        result: config_pb2.ReloadConfigResponse = await self._call(self._reload, request, timeout)
+        return result
+
+    async def raw(self, method: str, body: bytes, timeout: float) -> bytes:
+        result: bytes = await self._call(self.channel.unary_unary(method), body, timeout)
+        return result
+
+    async def healthy(self, timeout: float) -> bool:
+        try:
+            resp = await self._health(self._health_req, timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(resp.status == self._serving)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _translate(exc: grpc.aio.AioRpcError) -> ServingError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE or (
+        code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+        and ("Socket closed" in details or "Connection reset" in details or "GOAWAY" in details)
+    ):
+        return TransportError(f"worker unavailable: {details}")
+    return from_code(code, details)
+
+
+@dataclass(eq=False)
+class Backend:
+    """One worker, as the router sees it."""
+
+    name: str
+    address: str
+    max_inflight: int
+    transport: Transport | None = None
+    state: str = STARTING
+    inflight: int = 0
+    # model -> version -> that version's status on this worker
+    versions: dict[str, dict[int, status_pb2.ModelVersionStatus]] = field(default_factory=dict)
+    generation: int = 0  # bumps on every (re)start, so stale syncs can tell
+
+    def holds(self, model: str, version: int) -> bool:
+        status = self.versions.get(model, {}).get(version)
+        return status is not None and status.state == status_pb2.ModelVersionStatus.AVAILABLE
+
+    def available(self, model: str) -> set[int]:
+        return {v for v, s in self.versions.get(model, {}).items() if s.state == status_pb2.ModelVersionStatus.AVAILABLE}
+
+    @property
+    def routable(self) -> bool:
+        return self.state == READY and self.transport is not None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    model: str
+    version: int
+    future: asyncio.Future[Backend]
+    exclude: Backend | None
+
+
+class Pool:
+    def __init__(
+        self,
+        backends: Iterable[Backend],
+        *,
+        max_queued: int,
+        rng: random.Random | None = None,
+        on_inflight: Callable[[Backend], None] | None = None,
+    ) -> None:
+        self.backends = list(backends)
+        self.max_queued = max_queued
+        self._rng = rng or random.Random()
+        self._waiters: deque[_Waiter] = deque()
+        self._on_inflight = on_inflight or (lambda b: None)
+
+    # -- queries ---------------------------------------------------------------
+
+    def by_name(self, name: str) -> Backend:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def available_versions(self, model: str) -> set[int]:
+        out: set[int] = set()
+        for b in self.backends:
+            if b.routable:
+                out |= b.available(model)
+        return out
+
+    def holders(self, model: str, version: int) -> list[Backend]:
+        return [b for b in self.backends if b.routable and b.holds(model, version)]
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    # -- slots -----------------------------------------------------------------
+
+    def try_acquire(self, model: str, version: int, exclude: Backend | None = None) -> Backend | None:
+        free = [b for b in self.holders(model, version) if b.inflight < b.max_inflight and b is not exclude]
+        backend = pick_two(free, lambda b: b.inflight, self._rng)
+        if backend is not None:
+            self._take(backend)
+        return backend
+
+    async def acquire(self, model: str, version: int, deadline: float, exclude: Backend | None = None) -> Backend:
+        """A slot on a worker holding ``model`` ``version``; waits (bounded) for one."""
+        backend = self.try_acquire(model, version, exclude)
+        if backend is not None:
+            return backend
+        if not self.holders(model, version) or (exclude is not None and self.holders(model, version) == [exclude]):
+            raise Unavailable(f"no ready worker serves {model} version {version}")
+        if len(self._waiters) >= self.max_queued:
+            raise ResourceExhausted(
+                f"router queue is full ({self.max_queued} requests waiting for a worker)", retry_after=1.0
+            )
+        waiter = _Waiter(model, version, asyncio.get_running_loop().create_future(), exclude)
+        self._waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:  # deadline, cancellation by the client, or UNAVAILABLE
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # A slot was handed over just as the waiter gave up: give it back.
+                self.release(future.result())
+            else:
+                future.cancel()
+                self._remove(waiter)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise DeadlineExceeded("deadline exceeded while waiting for a worker") from None
+            raise
+
+    def _remove(self, waiter: _Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _take(self, backend: Backend) -> None:
+        backend.inflight += 1
+        self._on_inflight(backend)
+
+    def release(self, backend: Backend) -> None:
+        backend.inflight -= 1
+        self._on_inflight(backend)
+        self.wake(backend)
+
+    def wake(self, backend: Backend | None = None) -> None:
+        """Hand free slots to the oldest waiters that can use them."""
+        candidates = [backend] if backend is not None else list(self.backends)
+        for b in candidates:
+            while b.routable and b.inflight < b.max_inflight and self._waiters:
+                waiter = self._first_waiter_for(b)
+                if waiter is None:
+                    break
+                self._take(b)
+                waiter.future.set_result(b)
+
+    def _first_waiter_for(self, backend: Backend) -> _Waiter | None:
+        for waiter in self._waiters:
+            if waiter.future.done():
+                continue
+            if waiter.exclude is not backend and backend.holds(waiter.model, waiter.version):
+                self._waiters.remove(waiter)
+                return waiter
+        return None
+
+    def fail_waiters(self, model: str | None = None) -> None:
+        """Waiters no worker can serve any more get UNAVAILABLE instead of waiting out their deadline."""
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                continue
+            if model is not None and waiter.model != model:
+                continue
+            if not any(b is not waiter.exclude for b in self.holders(waiter.model, waiter.version)):
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(Unavailable(f"no ready worker serves {waiter.model} version {waiter.version}"))

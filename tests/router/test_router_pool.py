@@ -1,0 +1,91 @@
+"""The spawned pool: placement on this machine, and surviving a worker's death under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from tests.support import TEST_VOCAB, RouterProcess, predict_request
+from workers import numa
+from workers.demo_model import example_inputs
+
+
+@pytest.fixture(scope="module")
+def router(model_root: Path, logs_dir: Path) -> Iterator[RouterProcess]:
+    config = {
+        "models": [{"name": "ctr", "base_path": str(model_root / "ctr")}],
+        "workers": {"count": 2, "cpus_per_worker": 1, "restart_backoff_s": 0.2, "health_interval_s": 0.5},
+    }
+    r = RouterProcess(config, log_dir=logs_dir)
+    r.wait_ready()
+    yield r
+    assert r.terminate() == 0, r.log()
+
+
+def worker_states(router: RouterProcess) -> dict[str, str]:
+    _, body, _ = router.get("/metrics")
+    states = {}
+    for line in body.decode().splitlines():
+        if line.startswith("tfs_router_worker_state{") and line.endswith(" 1.0"):
+            labels = dict(part.split("=") for part in line[line.index("{") + 1:line.index("}")].split(","))
+            states[labels["worker"].strip('"')] = labels["state"].strip('"')
+    return states
+
+
+def test_worker_affinity_is_what_the_config_asked(router: RouterProcess) -> None:
+    plan = numa.plan(numa.read_topology(), 2, cpus_per_worker=1)
+    pids = router.worker_pids()
+    assert len(pids) == 2
+    got = sorted(tuple(sorted(os.sched_getaffinity(pid))) for pid in pids)
+    assert got == sorted(p.cpus for p in plan)
+
+
+def test_kill_9_under_load_fails_no_request(router: RouterProcess) -> None:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(router.channel)
+    request = predict_request("ctr", example_inputs(4, vocab=TEST_VOCAB))
+    failures: list[str] = []
+    done = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                stub.Predict(request, timeout=30)
+                done[0] += 1
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()}: {exc.details()}")
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        before = router.worker_pids()
+        os.kill(before[0], signal.SIGKILL)
+        # Load keeps flowing while the worker is restarted and re-synced.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pids = router.worker_pids()
+            if len(pids) == 2 and before[0] not in pids and set(worker_states(router).values()) == {"ready"}:
+                break
+            time.sleep(0.2)
+        served_after_restart = done[0]
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not failures, failures[:5]
+    assert set(worker_states(router).values()) == {"ready"}, worker_states(router)
+    assert before[0] not in router.worker_pids()
+    assert done[0] > served_after_restart
+    _, body, _ = router.get("/metrics")
+    assert 'tfs_router_worker_restarts_total{worker="w' in body.decode()
