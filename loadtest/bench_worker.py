@@ -31,6 +31,7 @@ import argparse
 import itertools
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from loadtest.common import (
     LoadResult,
     WorkerProcess,
     closed_loop,
+    error_text,
     print_table,
     progress,
     run_async,
@@ -137,10 +139,15 @@ async def bench_worker(worker: WorkerProcess, seconds: float, concurrency: int, 
             )
             requests = predict_requests(batch)
             # One checked request first: a wrong answer must not pass as throughput.
-            first = await stub.Predict(requests[0], timeout=30)
-            got = [d.size for d in first.outputs["probability"].tensor_shape.dim]
-            if got != [batch]:
-                raise RuntimeError(f"worker answered probability shape {got} for batch {batch}")
+            try:
+                first = await stub.Predict(requests[0], timeout=30)
+                got = [d.size for d in first.outputs["probability"].tensor_shape.dim]
+                if got != [batch]:
+                    raise RuntimeError(f"wrong answer: probability shape {got} for batch {batch}")
+            except (grpc.RpcError, RuntimeError) as exc:
+                results.append(LoadResult(label="worker grpc", concurrency=concurrency, rows_per_call=batch,
+                                          seconds=0.0, latencies=[], errors=Counter({error_text(exc): 1})))
+                continue
             feeds = itertools.cycle(requests)
 
             async def call() -> None:
@@ -178,8 +185,9 @@ def report(results: Sequence[LoadResult]) -> None:
             print(f"ERROR {r.label} batch {r.rows_per_call}: {count}x {message}")
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else float("nan")
+def ratio(a: float, b: float) -> str:
+    value = a / b if b > 0 else float("nan")
+    return f"{value:.2f}x" if value == value else "n/a"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -217,8 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         in_process = bench_in_process(version_dir, args.seconds, step=0)
         over_grpc = run_async(bench_worker(worker, args.seconds, args.concurrency, step=len(BATCHES)))
     finally:
+        died = not worker.alive()
         code = worker.terminate()
-        progress(f"worker stopped (exit code {code})")
+        if died:
+            progress(f"worker died (exit code {code}); its log ends:\n{worker.log_tail(3000)}")
+        else:
+            progress(f"worker stopped (exit code {code})")
 
     try:
         import uvloop  # noqa: F401
@@ -231,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report([*in_process, *over_grpc])
     in1, in64 = in_process
     w1, w64 = over_grpc
-    print(f"worker/in-process throughput: batch1 {ratio(w1.rate, in1.rate):.2f}x, "
-          f"batch64 rows {ratio(w64.rows_per_s, in64.rows_per_s):.2f}x")
+    print(f"worker/in-process throughput: batch1 {ratio(w1.rate, in1.rate)}, "
+          f"batch64 rows {ratio(w64.rows_per_s, in64.rows_per_s)}")
     return 1 if any(r.error_count for r in [*in_process, *over_grpc]) else 0
 
 

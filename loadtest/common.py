@@ -7,7 +7,7 @@
   latency percentiles, errors, and the CPU time used by chosen processes
   during the measured window).
 * ``percentile``, ``print_table``, ``progress``, ``run_async`` (uvloop when
-  available) and ``cpu_seconds``.
+  available), ``cpu_seconds`` and ``error_text``.
 
 Nothing here imports TensorFlow, so router-side benchmarks can use it too.
 """
@@ -154,7 +154,8 @@ class LoadResult:
         return self.latency_ms(99)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """``CODE: details`` for a gRPC error, ``Type: message`` for anything else."""
     code = getattr(exc, "code", None)
     details = getattr(exc, "details", None)
     if callable(code) and callable(details):  # grpc.RpcError / AioRpcError
@@ -236,7 +237,7 @@ async def closed_loop(
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                errors[_error_text(exc)] += 1
+                errors[error_text(exc)] += 1
                 continue
             end = clock()
             # Count completions inside the window (the unbiased throughput
@@ -274,7 +275,7 @@ def sync_loop(
         try:
             call()
         except Exception as exc:
-            errors[_error_text(exc)] += 1
+            errors[error_text(exc)] += 1
     window = _Window(cpu_pids or {})
     latencies: list[float] = []
     window.open()
@@ -285,7 +286,7 @@ def sync_loop(
         try:
             call()
         except Exception as exc:
-            errors[_error_text(exc)] += 1
+            errors[error_text(exc)] += 1
             end = clock()
             continue
         end = clock()
@@ -331,7 +332,8 @@ class WorkerProcess:
     ``127.0.0.1:0``) plus ``args`` and returns once the worker printed its
     address (``.address``, e.g. ``127.0.0.1:40123`` or ``unix:/path``);
     ``wait_serving()`` then waits until grpc.health says SERVING.  Its stderr
-    goes to ``.log_path`` (``log_tail()`` for error messages).  Use as a
+    goes to ``.log_path`` (``log_tail()`` for error messages; removed after
+    a clean exit unless ``log_dir`` was given).  Use as a
     context manager, or call ``terminate()`` (SIGTERM, then SIGKILL after
     ``timeout``) in a ``finally``.
     """
@@ -345,6 +347,9 @@ class WorkerProcess:
         env: Mapping[str, str] | None = None,
         start_timeout: float = 120.0,
     ) -> None:
+        # A log in the temp directory is removed after a clean exit; one in
+        # a chosen ``log_dir``, or of a worker that failed, is kept.
+        self._remove_clean_log = log_dir is None
         log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"tfs-worker-{os.getpid()}-{time.monotonic_ns()}.log"
@@ -388,8 +393,13 @@ class WorkerProcess:
         return self._address[0]
 
     def log_tail(self, chars: int = 5000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
+        """The end of the worker's stderr (works after ``terminate()`` too)."""
+        if not self._log.closed:
+            self._log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""  # removed after a clean exit
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -426,6 +436,8 @@ class WorkerProcess:
                 self.proc.wait()
         if not self._log.closed:
             self._log.close()
+            if self._remove_clean_log and self.proc.returncode == 0:
+                self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> WorkerProcess:
