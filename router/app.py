@@ -23,13 +23,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from router.batcher import Batcher
 from router.config import Config
 from router.control import Control
 from router.dataplane import DataPlane
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
-from router.pool import DEAD, READY, STARTING, Backend, GrpcTransport, Pool
+from router.pool import DEAD, LOADING, READY, STARTING, Backend, GrpcTransport, Pool
 from workers import supervisor as sup
 
 log = logging.getLogger("router.app")
@@ -59,6 +60,8 @@ class App:
                          on_inflight=lambda b: self.metrics.set_worker_inflight(b.name, b.inflight))
         self.control = Control(config, self.pool, on_change=self._publish_states)
         self.dataplane = DataPlane(self.control, self.pool, on_retry=self.metrics.retried)
+        self.batcher = Batcher(self.pool, self.dataplane.dispatch, self.metrics)
+        self.dataplane.batcher = self.batcher
         self.grpc = GrpcFrontend(config, self.dataplane, self.metrics)
         self.rest = RestFrontend(config, self.dataplane, self.control, self.metrics)
         self.supervisor: sup.Supervisor | None = None
@@ -164,6 +167,9 @@ class App:
                 healthy = await b.transport.healthy(timeout=max(0.5, interval))
                 if healthy:
                     self._health_failures[b.name] = 0
+                    if b.state in (STARTING, LOADING) and not self.control.syncing(b):
+                        # A sync that failed (say, the worker was still binding) is retried.
+                        self._spawn(self.control.sync(b), f"sync-{b.name}")
                     if b.state == DEAD and self.config.workers.mode == "static":
                         log.info("worker %s answers again; re-syncing", b.name)
                         self._connect(b)
@@ -196,6 +202,7 @@ class App:
         except Exception:  # health state is best effort during shutdown
             pass
         await asyncio.gather(self.grpc.stop(grace), self.rest.stop(), return_exceptions=True)
+        await self.batcher.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -168,6 +168,10 @@ class Control:
 
     # -- syncing workers ---------------------------------------------------------
 
+    def syncing(self, backend: Backend) -> bool:
+        lock = self._sync_locks.get(backend.name)
+        return lock is not None and lock.locked()
+
     async def sync(self, backend: Backend) -> bool:
         """Make ``backend`` hold the aspired versions; returns True when it is READY."""
         lock = self._sync_locks.setdefault(backend.name, asyncio.Lock())
@@ -193,6 +197,8 @@ class Control:
             backend.state = LOADING
         # Phase 1: load what is new, keep what is held.
         await self._reload(backend, union, generation)
+        if backend.state == READY:
+            self.pool.wake(backend)  # waiters for a new version need not wait for phase 2
         if held != target:
             # Phase 2: stop routing the versions being dropped, then drop them.
             for m, versions in target.items():

@@ -20,9 +20,11 @@ from typing import TypeVar
 from google.protobuf import any_pb2
 
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
+from router.batcher import BatchKey, Batcher
 from router.control import Control
 from router.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from router.pool import Backend, Pool, Transport, TransportError
+from router.wire.concat import batch_rows
 from router.wire.signature import Signature, find_signature
 
 log = logging.getLogger("router.dataplane")
@@ -38,6 +40,7 @@ class DataPlane:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
         self.pool = pool
+        self.batcher: Batcher | None = None  # set by the composition root
         self._on_retry = on_retry or (lambda model, reason: None)
         self._clock = clock
 
@@ -50,9 +53,18 @@ class DataPlane:
     async def predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         version, sig = self.signature(spec)
-        sig.validate(request.inputs, request.output_filter)
+        names, outputs = sig.validate(request.inputs, request.output_filter)
         spec.version.value = version  # explicit from here on (clears a label)
         spec.signature_name = sig.name
+        settings = self.control.model(spec.name).batching
+        if self.batcher is not None and settings.enabled and sig.batchable:
+            rows = batch_rows(request.inputs, names)
+            if 0 < rows <= settings.max_batch_size:
+                inputs = request.inputs
+                key = BatchKey(spec.name, version, sig.name, tuple(
+                    (n, inputs[n].dtype, tuple(d.size for d in inputs[n].tensor_shape.dim[1:])) for n in names
+                ), outputs)
+                return await self.batcher.submit(key, settings, request, rows, deadline)
 
         async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
             return await transport.predict(request, timeout)
@@ -83,7 +95,7 @@ class DataPlane:
                     raise
                 self._on_retry(model, "version_moved")
             finally:
-                self.pool.release(backend)
+                self.pool.release(backend, model)
             exclude = backend
         raise Unavailable("unreachable")  # pragma: no cover - the loop returns or raises
 

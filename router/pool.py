@@ -68,6 +68,9 @@ class GrpcTransport:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.enable_retries", 0),
+                # A restarted worker gets a fresh channel; a shared subchannel
+                # would still be in the dead worker's reconnect backoff.
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         ch = self.channel
@@ -87,9 +90,9 @@ class GrpcTransport:
                                       health_pb2.HealthCheckRequest.SerializeToString,
                                       health_pb2.HealthCheckResponse.FromString)
 
-    async def _call(self, stub: Any, request: Any, timeout: float) -> Any:
+    async def _call(self, stub: Any, request: Any, timeout: float, wait: bool = False) -> Any:
         try:
-            return await stub(request, timeout=timeout)
+            return await stub(request, timeout=timeout, wait_for_ready=wait)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
 
@@ -98,15 +101,16 @@ class GrpcTransport:
         return result
 
     async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse:
-        result: metadata_pb2.GetModelMetadataResponse = await self._call(self._metadata, request, timeout)
+        result: metadata_pb2.GetModelMetadataResponse = await self._call(self._metadata, request, timeout, True)
         return result
 
     async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse:
-        result: status_pb2.GetModelStatusResponse = await self._call(self._status, request, timeout)
+        result: status_pb2.GetModelStatusResponse = await self._call(self._status, request, timeout, True)
         return result
 
     async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse:
-        result: config_pb2.ReloadConfigResponse = await self._call(self._reload, request, timeout)
+        # Control-plane calls wait for the connection (a worker that just started).
+        result: config_pb2.ReloadConfigResponse = await self._call(self._reload, request, timeout, True)
         return result
 
     async def raw(self, method: str, body: bytes, timeout: float) -> bytes:
@@ -144,6 +148,7 @@ class Backend:
     transport: Transport | None = None
     state: str = STARTING
     inflight: int = 0
+    model_inflight: dict[str, int] = field(default_factory=dict)  # per model, for batch slot limits
     # model -> version -> that version's status on this worker
     versions: dict[str, dict[int, status_pb2.ModelVersionStatus]] = field(default_factory=dict)
     generation: int = 0  # bumps on every (re)start, so stale syncs can tell
@@ -166,6 +171,14 @@ class _Waiter:
     version: int
     future: asyncio.Future[Backend]
     exclude: Backend | None
+    limit: int  # at most this many slots of one worker for this model (0: no limit)
+
+    def fits(self, backend: Backend) -> bool:
+        return (
+            backend is not self.exclude
+            and backend.holds(self.model, self.version)
+            and (not self.limit or backend.model_inflight.get(self.model, 0) < self.limit)
+        )
 
 
 class Pool:
@@ -181,6 +194,7 @@ class Pool:
         self.max_queued = max_queued
         self._rng = rng or random.Random()
         self._waiters: deque[_Waiter] = deque()
+        self._queued: dict[str, int] = {}  # waiters per model, for the max_queued bound
         self._on_inflight = on_inflight or (lambda b: None)
 
     # -- queries ---------------------------------------------------------------
@@ -207,33 +221,46 @@ class Pool:
 
     # -- slots -----------------------------------------------------------------
 
-    def try_acquire(self, model: str, version: int, exclude: Backend | None = None) -> Backend | None:
-        free = [b for b in self.holders(model, version) if b.inflight < b.max_inflight and b is not exclude]
+    def try_acquire(self, model: str, version: int, exclude: Backend | None = None, limit: int = 0) -> Backend | None:
+        free = [b for b in self.holders(model, version)
+                if b.inflight < b.max_inflight and b is not exclude
+                and (not limit or b.model_inflight.get(model, 0) < limit)]
         backend = pick_two(free, lambda b: b.inflight, self._rng)
         if backend is not None:
-            self._take(backend)
+            self._take(backend, model)
         return backend
 
-    async def acquire(self, model: str, version: int, deadline: float, exclude: Backend | None = None) -> Backend:
-        """A slot on a worker holding ``model`` ``version``; waits (bounded) for one."""
-        backend = self.try_acquire(model, version, exclude)
+    async def acquire(self, model: str, version: int, deadline: float, exclude: Backend | None = None,
+                      limit: int = 0) -> Backend:
+        """A slot on a worker holding ``model`` ``version``; waits (bounded) for one.
+
+        ``limit`` caps the slots one worker gives this model (the batcher's
+        max_inflight_batches); release with the same ``model``.
+        """
+        backend = self.try_acquire(model, version, exclude, limit)
         if backend is not None:
             return backend
         if not self.holders(model, version) or (exclude is not None and self.holders(model, version) == [exclude]):
             raise Unavailable(f"no ready worker serves {model} version {version}")
-        if len(self._waiters) >= self.max_queued:
+        if self._queued.get(model, 0) >= self.max_queued:
             raise ResourceExhausted(
-                f"router queue is full ({self.max_queued} requests waiting for a worker)", retry_after=1.0
+                f"router queue for {model} is full ({self.max_queued} requests waiting for a worker)",
+                retry_after=1.0,
             )
-        waiter = _Waiter(model, version, asyncio.get_running_loop().create_future(), exclude)
+        waiter = _Waiter(model, version, asyncio.get_running_loop().create_future(), exclude, limit)
         self._waiters.append(waiter)
+        self._queued[model] = self._queued.get(model, 0) + 1
+        waiter.future.add_done_callback(lambda _: self._dequeued(model))
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, deadline - time.monotonic()))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+            # cancellation that arrives just after the slot was handed over.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await asyncio.shield(waiter.future)
         except BaseException as exc:  # deadline, cancellation by the client, or UNAVAILABLE
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 # A slot was handed over just as the waiter gave up: give it back.
-                self.release(future.result())
+                self.release(future.result(), model)
             else:
                 future.cancel()
                 self._remove(waiter)
@@ -241,18 +268,23 @@ class Pool:
                 raise DeadlineExceeded("deadline exceeded while waiting for a worker") from None
             raise
 
+    def _dequeued(self, model: str) -> None:
+        self._queued[model] -= 1
+
     def _remove(self, waiter: _Waiter) -> None:
         try:
             self._waiters.remove(waiter)
         except ValueError:
             pass
 
-    def _take(self, backend: Backend) -> None:
+    def _take(self, backend: Backend, model: str) -> None:
         backend.inflight += 1
+        backend.model_inflight[model] = backend.model_inflight.get(model, 0) + 1
         self._on_inflight(backend)
 
-    def release(self, backend: Backend) -> None:
+    def release(self, backend: Backend, model: str) -> None:
         backend.inflight -= 1
+        backend.model_inflight[model] -= 1
         self._on_inflight(backend)
         self.wake(backend)
 
@@ -264,14 +296,14 @@ class Pool:
                 waiter = self._first_waiter_for(b)
                 if waiter is None:
                     break
-                self._take(b)
+                self._take(b, waiter.model)
                 waiter.future.set_result(b)
 
     def _first_waiter_for(self, backend: Backend) -> _Waiter | None:
         for waiter in self._waiters:
             if waiter.future.done():
                 continue
-            if waiter.exclude is not backend and backend.holds(waiter.model, waiter.version):
+            if waiter.fits(backend):
                 self._waiters.remove(waiter)
                 return waiter
         return None

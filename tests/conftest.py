@@ -51,3 +51,23 @@ def strings_model(model_root: Path) -> Path:
     base = model_root / "strings"
     build_strings_model(base / "1")
     return base
+
+
+def build_checked_model(path: Path) -> None:
+    """y = 2x, but any NaN in x fails the call with INVALID_ARGUMENT (one bad request)."""
+    import tensorflow as tf
+
+    class Checked(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"y": tf.debugging.check_numerics(x, "x holds NaN or Inf") * 2.0}
+
+    module = Checked()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
+
+@pytest.fixture(scope="session")
+def checked_model(model_root: Path) -> Path:
+    base = model_root / "checked"
+    build_checked_model(base / "1")
+    return base

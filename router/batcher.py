@@ -1,0 +1,329 @@
+"""Request coalescing: concurrent compatible requests become one Predict.
+
+Requests that agree on a ``BatchKey`` (model, version, signature, sorted
+input names with their dtypes and non-batch dimensions, outputs) wait in one
+bounded queue.  Dispatch follows free worker slots (DESIGN decision 3): the
+queue's dispatcher holds at most one pending claim on a slot; while every
+slot is busy, requests accumulate; when a slot frees, the queue head, up to
+``max_batch_size`` rows, goes at once.  So low load pays no batching delay
+and high load gets large batches.  ``batch_timeout_micros`` > 0 adds TF
+Serving's wait for a fuller batch.
+
+Guarantees: a request cancelled by its client or past its deadline while
+queued is dropped before its batch forms and never computed; one bad request
+never fails another (a batch the worker rejects with INVALID_ARGUMENT is
+retried member by member); overload is refused at the queue with
+RESOURCE_EXHAUSTED and a Retry-After hint, never absorbed in memory.
+
+``BatchQueue`` is the formation policy (pure, clock passed in); ``Batcher``
+is the mechanism.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from protos import predict_pb2
+from router.config import BatchingConfig
+from router.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
+from router.metrics import Metrics
+from router.pool import Backend, Pool, Transport, TransportError
+from router.wire.concat import concat, pad_to, split
+
+log = logging.getLogger("router.batcher")
+
+FULL, SLOT_FREED, TIMEOUT = "full", "slot_freed", "timeout"
+
+Dispatch = Callable[[str, int, Callable[[Transport, float], Awaitable[predict_pb2.PredictResponse]], float],
+                    Awaitable[predict_pb2.PredictResponse]]
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    model: str
+    version: int
+    signature: str
+    inputs: tuple[tuple[str, int, tuple[int, ...]], ...]  # (name, dtype, dims after the first)
+    outputs: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class Pending:
+    request: predict_pb2.PredictRequest
+    rows: int
+    deadline: float
+    enqueued: float
+    future: asyncio.Future[predict_pb2.PredictResponse] = field(repr=False)
+
+
+class BatchQueue:
+    """Which requests form the next batch, and when (pure; the caller passes ``now``)."""
+
+    def __init__(self, settings: BatchingConfig) -> None:
+        self.settings = settings
+        self.items: deque[Pending] = deque()
+        self.rows = 0
+
+    def add(self, item: Pending) -> None:
+        if self.rows + item.rows > self.settings.max_enqueued:
+            raise ResourceExhausted(
+                f"batch queue is full ({self.rows} rows waiting, max_enqueued "
+                f"{self.settings.max_enqueued})", retry_after=1.0)
+        self.items.append(item)
+        self.rows += item.rows
+
+    def forget(self, item: Pending) -> None:
+        """A request that left (cancelled, expired) no longer counts against the bound."""
+        self.rows -= item.rows
+
+    def expire(self, now: float) -> list[Pending]:
+        """Drop finished or expired requests from the head; returns the expired ones."""
+        expired = []
+        kept: deque[Pending] = deque()
+        for item in self.items:
+            if item.future.done():
+                continue
+            if item.deadline <= now:
+                expired.append(item)
+                continue
+            kept.append(item)
+        self.items = kept
+        return expired
+
+    def wait(self, now: float) -> float:
+        """Seconds until the head should go (0: now) when a slot is free."""
+        timeout = self.settings.batch_timeout_micros / 1e6
+        if not self.items or timeout <= 0 or self.live_rows() >= self.settings.max_batch_size:
+            return 0.0
+        return max(0.0, self.items[0].enqueued + timeout - now)
+
+    def live_rows(self) -> int:
+        return sum(i.rows for i in self.items if not i.future.done())
+
+    def take(self, now: float) -> tuple[list[Pending], str]:
+        """The next batch: queue head up to max_batch_size rows, and why it left."""
+        limit = self.settings.max_batch_size
+        batch: list[Pending] = []
+        rows = 0
+        while self.items:
+            item = self.items[0]
+            if item.future.done():
+                self.items.popleft()
+                continue
+            if batch and rows + item.rows > limit:
+                break
+            self.items.popleft()
+            batch.append(item)
+            rows += item.rows
+        if rows >= limit or (self.items and not self.items[0].future.done()):
+            trigger = FULL
+        elif self.settings.batch_timeout_micros > 0 and batch:
+            trigger = TIMEOUT if now - batch[0].enqueued >= self.settings.batch_timeout_micros / 1e6 else SLOT_FREED
+        else:
+            trigger = SLOT_FREED
+        return batch, trigger
+
+
+class Batcher:
+    def __init__(self, pool: Pool, dispatch: Dispatch, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self._dispatch = dispatch
+        self.metrics = metrics
+        self._clock = clock
+        self._queues: dict[BatchKey, BatchQueue] = {}
+        self._wakeups: dict[BatchKey, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runners: dict[BatchKey, asyncio.Task[None]] = {}
+
+    def queued_rows(self, model: str) -> int:
+        return sum(q.rows for k, q in self._queues.items() if k.model == model)
+
+    async def submit(self, key: BatchKey, settings: BatchingConfig, request: predict_pb2.PredictRequest,
+                     rows: int, deadline: float) -> predict_pb2.PredictResponse:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = BatchQueue(settings)
+            self._wakeups[key] = asyncio.Event()
+        now = self._clock()
+        item = Pending(request, rows, deadline, now, asyncio.get_running_loop().create_future())
+        try:
+            queue.add(item)
+        except ResourceExhausted:
+            self.metrics.shed(key.model, "queue_full")
+            raise
+        item.future.add_done_callback(lambda _: self._left(key, queue, item))
+        self.metrics.set_queue_depth(key.model, self.queued_rows(key.model))
+        self._wakeups[key].set()
+        if key not in self._runners:
+            runner = asyncio.get_running_loop().create_task(self._run(key, queue), name=f"batch-{key.model}")
+            self._runners[key] = runner
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), max(0.0, deadline - now))
+        except asyncio.TimeoutError:
+            item.future.cancel()
+            raise DeadlineExceeded("deadline exceeded while waiting in the batch queue") from None
+        except asyncio.CancelledError:
+            item.future.cancel()  # the client went away: never compute it
+            raise
+
+    def _left(self, key: BatchKey, queue: BatchQueue, item: Pending) -> None:
+        queue.forget(item)
+        self.metrics.set_queue_depth(key.model, self.queued_rows(key.model))
+
+    async def _run(self, key: BatchKey, queue: BatchQueue) -> None:
+        """The queue's dispatcher: one slot claim at a time, the head goes when it is granted."""
+        wakeup = self._wakeups[key]
+        try:
+            while True:
+                now = self._clock()
+                for item in queue.expire(now):
+                    item.future.set_exception(DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
+                if not queue.items:
+                    wakeup.clear()
+                    break
+                delay = queue.wait(now)
+                if delay > 0:
+                    wakeup.clear()
+                    try:
+                        await asyncio.wait_for(wakeup.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                latest = max(i.deadline for i in queue.items)
+                try:
+                    backend = await self.pool.acquire(key.model, key.version, latest,
+                                                      limit=queue.settings.max_inflight_batches)
+                except ServingError as exc:
+                    # No worker can take this version (or every request expired): fail the waiters.
+                    for item in list(queue.items):
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    queue.items.clear()
+                    continue
+                batch, trigger = queue.take(self._clock())
+                if not batch:
+                    self.pool.release(backend, key.model)
+                    continue
+                task = asyncio.get_running_loop().create_task(self._execute(key, queue.settings, batch, trigger, backend))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            # No await between the empty check and here, so no submit can slip in unseen.
+            del self._runners[key]
+
+    async def _execute(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending], trigger: str,
+                       backend: Backend) -> None:
+        now = self._clock()
+        rows = [item.rows for item in batch]
+        total = sum(rows)
+        padded = pad_to(total, settings.allowed_batch_sizes)
+        self.metrics.observe_batch(key.model, total, len(batch), padded - total, trigger,
+                                   [now - item.enqueued for item in batch])
+        try:
+            request = self._assemble(key, batch, padded - total)
+            deadline = max(item.deadline for item in batch)
+            assert backend.transport is not None
+            response = await backend.transport.predict(request, max(0.001, deadline - self._clock()))
+        except InvalidArgument as exc:
+            self.pool.release(backend, key.model)
+            backend = None  # type: ignore[assignment]
+            if len(batch) == 1:
+                _fail(batch, exc)
+            else:
+                await self._one_by_one(key, batch)
+            return
+        except TransportError:
+            # The worker died under the batch: the whole batch once more elsewhere.
+            self.pool.release(backend, key.model)
+            backend = None  # type: ignore[assignment]
+            self.metrics.retried(key.model, "worker_unavailable")
+            await self._resend(key, batch, padded - total)
+            return
+        except ServingError as exc:
+            _fail(batch, exc)
+            return
+        finally:
+            if backend is not None:
+                self.pool.release(backend, key.model)
+        self._deliver(batch, rows, response)
+
+    def _assemble(self, key: BatchKey, batch: list[Pending], pad_rows: int) -> predict_pb2.PredictRequest:
+        first = batch[0].request
+        if len(batch) == 1 and pad_rows == 0:
+            return first
+        request = predict_pb2.PredictRequest()
+        request.model_spec.CopyFrom(first.model_spec)
+        request.output_filter.extend(first.output_filter)
+        for name, _, _ in key.inputs:
+            request.inputs[name].CopyFrom(concat([item.request.inputs[name] for item in batch], pad_rows))
+        return request
+
+    def _deliver(self, batch: list[Pending], rows: list[int], response: predict_pb2.PredictResponse) -> None:
+        try:
+            pieces = {name: split(tensor, rows) for name, tensor in response.outputs.items()}
+        except ServingError as exc:
+            _fail(batch, exc)
+            return
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue
+            out = predict_pb2.PredictResponse()
+            out.model_spec.CopyFrom(response.model_spec)
+            for name, parts in pieces.items():
+                out.outputs[name].CopyFrom(parts[i])
+            item.future.set_result(out)
+
+    async def _resend(self, key: BatchKey, batch: list[Pending], pad_rows: int) -> None:
+        live = [item for item in batch if not item.future.done()]
+        if not live:
+            return
+        request = self._assemble(key, live, pad_rows if len(live) == len(batch) else 0)
+
+        async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
+            return await transport.predict(request, timeout)
+
+        try:
+            response = await self._dispatch(key.model, key.version, call, max(i.deadline for i in live))
+        except ServingError as exc:
+            _fail(live, exc)
+            return
+        self._deliver(live, [item.rows for item in live], response)
+
+    async def _one_by_one(self, key: BatchKey, batch: list[Pending]) -> None:
+        """Isolate the guilty: each member alone, so only a bad request gets its error."""
+        self.metrics.retried(key.model, "batch_invalid_argument")
+
+        async def alone(item: Pending) -> None:
+            if item.future.done():
+                return
+
+            async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
+                return await transport.predict(item.request, timeout)
+
+            try:
+                response = await self._dispatch(key.model, key.version, call, item.deadline)
+            except ServingError as exc:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                return
+            if not item.future.done():
+                item.future.set_result(response)
+
+        await asyncio.gather(*(alone(item) for item in batch))
+
+    async def close(self) -> None:
+        for task in [*self._runners.values(), *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._runners.values(), *self._tasks, return_exceptions=True)
+
+
+def _fail(batch: list[Pending], exc: ServingError) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)

@@ -1,0 +1,129 @@
+"""Batch assembly and disassembly on TensorProtos, without TensorFlow.
+
+Requests that share a batch key are concatenated along dimension 0, input by
+input; the batch's outputs are cut back into each request's rows.  Numeric
+tensors in ``tensor_content`` form (what every TF client and the project's
+own codec send) are joined and sliced as raw bytes, which is exactly
+concatenation along dimension 0 in row-major layout; anything else (typed
+``*_val`` fields, one-value broadcasts) goes through numpy.  Padding to an
+allowed batch size repeats the batch's first row, so a padded batch holds
+only values some client really sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from protos import tensor_pb2
+from router.errors import Internal, InvalidArgument
+from router.wire.tensor import DT_STRING, NUMPY_DTYPE, from_numpy, num_elements, shape_of, to_numpy
+
+TensorProto = tensor_pb2.TensorProto
+
+
+def batch_rows(inputs: Mapping[str, TensorProto], names: Sequence[str]) -> int:
+    """Dimension 0 shared by every input; INVALID_ARGUMENT when they disagree."""
+    rows = -1
+    first = ""
+    for name in names:
+        dims = inputs[name].tensor_shape.dim
+        if not dims:
+            raise InvalidArgument(f"input '{name}' is a scalar; a batched signature needs a batch dimension")
+        n = dims[0].size
+        if rows < 0:
+            rows, first = n, name
+        elif n != rows:
+            raise InvalidArgument(
+                f"inputs disagree on dimension 0 (the batch size): '{first}' has {rows} rows, '{name}' has {n}"
+            )
+    return max(rows, 0)
+
+
+def _raw(tensor: TensorProto) -> bool:
+    """True when the tensor's rows can be joined/sliced as bytes."""
+    return tensor.dtype != DT_STRING and (
+        bool(tensor.tensor_content) or num_elements(shape_of(tensor)) == 0
+    )
+
+
+def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
+    """Concatenate tensors of one dtype and inner shape along dimension 0.
+
+    ``pad_rows`` extra copies of the first row are appended.
+    """
+    first = tensors[0]
+    dtype = first.dtype
+    inner = tuple(d.size for d in first.tensor_shape.dim[1:])
+    total = sum(t.tensor_shape.dim[0].size for t in tensors)
+    if pad_rows == 0 and len(tensors) == 1:
+        return first
+    if dtype in NUMPY_DTYPE and all(_raw(t) for t in tensors):
+        itemsize = NUMPY_DTYPE[dtype].itemsize
+        row_bytes = itemsize * num_elements(inner)
+        parts = [t.tensor_content for t in tensors]
+        if pad_rows:
+            parts.append(first.tensor_content[:row_bytes] * pad_rows)
+        out = TensorProto(dtype=dtype, tensor_content=b"".join(parts))
+        out.tensor_shape.dim.add(size=total + pad_rows)
+        for d in inner:
+            out.tensor_shape.dim.add(size=d)
+        return out
+    arrays = [to_numpy(t) for t in tensors]
+    if pad_rows:
+        arrays.append(np.repeat(arrays[0][:1], pad_rows, axis=0))
+    return from_numpy(np.concatenate(arrays, axis=0), dtype)
+
+
+def split(tensor: TensorProto, rows: Sequence[int]) -> list[TensorProto]:
+    """Cut a batch output into consecutive pieces of ``rows`` rows (padding rows dropped)."""
+    shape = shape_of(tensor)
+    if not shape or shape[0] < sum(rows):
+        raise Internal(
+            f"the worker returned an output of shape {list(shape)} for a batch of {sum(rows)} rows; "
+            "the signature is not batchable"
+        )
+    if len(rows) == 1 and shape[0] == rows[0]:
+        return [tensor]
+    inner = shape[1:]
+    per_row = num_elements(inner)
+    out: list[TensorProto] = []
+    if _raw(tensor):
+        row_bytes = NUMPY_DTYPE[tensor.dtype].itemsize * per_row
+        content = tensor.tensor_content
+        offset = 0
+        for n in rows:
+            piece = TensorProto(dtype=tensor.dtype, tensor_content=content[offset:offset + n * row_bytes])
+            piece.tensor_shape.dim.add(size=n)
+            for d in inner:
+                piece.tensor_shape.dim.add(size=d)
+            out.append(piece)
+            offset += n * row_bytes
+        return out
+    if tensor.dtype == DT_STRING and len(tensor.string_val) == num_elements(shape):
+        values = tensor.string_val
+        offset = 0
+        for n in rows:
+            piece = TensorProto(dtype=DT_STRING)
+            piece.string_val.extend(values[offset * per_row:(offset + n) * per_row])
+            piece.tensor_shape.dim.add(size=n)
+            for d in inner:
+                piece.tensor_shape.dim.add(size=d)
+            out.append(piece)
+            offset += n
+        return out
+    array = to_numpy(tensor)
+    offset = 0
+    for n in rows:
+        out.append(from_numpy(array[offset:offset + n], tensor.dtype))
+        offset += n
+    return out
+
+
+def pad_to(rows: int, allowed: Sequence[int]) -> int:
+    """The smallest allowed batch size holding ``rows`` (``rows`` itself when none is set)."""
+    for size in allowed:
+        if size >= rows:
+            return size
+    return rows
