@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from protos import predict_pb2
 from router.config import BatchingConfig
-from router.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
+from router.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServingError
 from router.metrics import Metrics
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import concat, pad_to, split
@@ -39,8 +39,8 @@ log = logging.getLogger("router.batcher")
 
 FULL, SLOT_FREED, TIMEOUT = "full", "slot_freed", "timeout"
 
-Dispatch = Callable[[str, int, Callable[[Transport, float], Awaitable[predict_pb2.PredictResponse]], float],
-                    Awaitable[predict_pb2.PredictResponse]]
+Dispatch = Callable[[str, int, Callable[[Transport, float], Awaitable[predict_pb2.PredictResponse]], float,
+                     Backend | None], Awaitable[predict_pb2.PredictResponse]]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Pending:
     deadline: float
     enqueued: float
     future: asyncio.Future[predict_pb2.PredictResponse] = field(repr=False)
+    queued: bool = True  # still counted in its queue's rows
 
 
 class BatchQueue:
@@ -78,18 +79,20 @@ class BatchQueue:
         self.rows += item.rows
 
     def forget(self, item: Pending) -> None:
-        """A request that left (cancelled, expired) no longer counts against the bound."""
-        self.rows -= item.rows
+        """A request that left the queue (batched, cancelled, expired) stops counting."""
+        if item.queued:
+            item.queued = False
+            self.rows -= item.rows
 
     def expire(self, now: float) -> list[Pending]:
-        """Drop finished or expired requests from the head; returns the expired ones."""
+        """Drop finished or expired requests; returns the expired ones."""
         expired = []
         kept: deque[Pending] = deque()
         for item in self.items:
-            if item.future.done():
-                continue
-            if item.deadline <= now:
-                expired.append(item)
+            if item.future.done() or item.deadline <= now:
+                self.forget(item)
+                if not item.future.done():
+                    expired.append(item)
                 continue
             kept.append(item)
         self.items = kept
@@ -113,11 +116,11 @@ class BatchQueue:
         while self.items:
             item = self.items[0]
             if item.future.done():
-                self.items.popleft()
+                self.forget(self.items.popleft())
                 continue
             if batch and rows + item.rows > limit:
                 break
-            self.items.popleft()
+            self.forget(self.items.popleft())
             batch.append(item)
             rows += item.rows
         if rows >= limit or (self.items and not self.items[0].future.done()):
@@ -199,6 +202,8 @@ class Batcher:
                 try:
                     backend = await self.pool.acquire(key.model, key.version, latest,
                                                       limit=queue.settings.max_inflight_batches)
+                except DeadlineExceeded:
+                    continue  # the requests it waited for expired; later ones wait afresh
                 except ServingError as exc:
                     # No worker can take this version (or every request expired): fail the waiters.
                     for item in list(queue.items):
@@ -207,6 +212,7 @@ class Batcher:
                     queue.items.clear()
                     continue
                 batch, trigger = queue.take(self._clock())
+                self.metrics.set_queue_depth(key.model, self.queued_rows(key.model))
                 if not batch:
                     self.pool.release(backend, key.model)
                     continue
@@ -220,40 +226,43 @@ class Batcher:
     async def _execute(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending], trigger: str,
                        backend: Backend) -> None:
         now = self._clock()
-        rows = [item.rows for item in batch]
-        total = sum(rows)
+        total = sum(item.rows for item in batch)
         padded = pad_to(total, settings.allowed_batch_sizes)
         self.metrics.observe_batch(key.model, total, len(batch), padded - total, trigger,
                                    [now - item.enqueued for item in batch])
+        outcome = "ok"
         try:
-            request = self._assemble(key, batch, padded - total)
-            deadline = max(item.deadline for item in batch)
+            request = self._assemble(key, batch, settings)
             assert backend.transport is not None
+            deadline = max(item.deadline for item in batch)
             response = await backend.transport.predict(request, max(0.001, deadline - self._clock()))
+            self._deliver(batch, response)
         except InvalidArgument as exc:
-            self.pool.release(backend, key.model)
-            backend = None  # type: ignore[assignment]
             if len(batch) == 1:
                 _fail(batch, exc)
             else:
-                await self._one_by_one(key, batch)
-            return
-        except TransportError:
-            # The worker died under the batch: the whole batch once more elsewhere.
-            self.pool.release(backend, key.model)
-            backend = None  # type: ignore[assignment]
-            self.metrics.retried(key.model, "worker_unavailable")
-            await self._resend(key, batch, padded - total)
-            return
+                outcome = "isolate"
+        except (TransportError, NotFound):
+            # The worker died, or dropped the version, under the batch: once more elsewhere.
+            outcome = "resend"
         except ServingError as exc:
             _fail(batch, exc)
-            return
+        except Exception as exc:  # never leave members waiting out their deadlines
+            log.exception("batch of %s failed unexpectedly", key.model)
+            _fail(batch, Internal(f"{type(exc).__name__}: {exc}"))
         finally:
-            if backend is not None:
-                self.pool.release(backend, key.model)
-        self._deliver(batch, rows, response)
+            self.pool.release(backend, key.model)
+        if outcome == "isolate":
+            # One bad request must not fail the others: each member alone.
+            self.metrics.retried(key.model, "batch_invalid_argument")
+            await asyncio.gather(*(self._send(key, settings, [item], None) for item in batch))
+        elif outcome == "resend":
+            self.metrics.retried(key.model, "worker_unavailable")
+            await self._send(key, settings, batch, backend)
 
-    def _assemble(self, key: BatchKey, batch: list[Pending], pad_rows: int) -> predict_pb2.PredictRequest:
+    def _assemble(self, key: BatchKey, batch: list[Pending], settings: BatchingConfig) -> predict_pb2.PredictRequest:
+        total = sum(item.rows for item in batch)
+        pad_rows = pad_to(total, settings.allowed_batch_sizes) - total
         first = batch[0].request
         if len(batch) == 1 and pad_rows == 0:
             return first
@@ -264,12 +273,9 @@ class Batcher:
             request.inputs[name].CopyFrom(concat([item.request.inputs[name] for item in batch], pad_rows))
         return request
 
-    def _deliver(self, batch: list[Pending], rows: list[int], response: predict_pb2.PredictResponse) -> None:
-        try:
-            pieces = {name: split(tensor, rows) for name, tensor in response.outputs.items()}
-        except ServingError as exc:
-            _fail(batch, exc)
-            return
+    def _deliver(self, batch: list[Pending], response: predict_pb2.PredictResponse) -> None:
+        rows = [item.rows for item in batch]
+        pieces = {name: split(tensor, rows) for name, tensor in response.outputs.items()}
         for i, item in enumerate(batch):
             if item.future.done():
                 continue
@@ -279,43 +285,26 @@ class Batcher:
                 out.outputs[name].CopyFrom(parts[i])
             item.future.set_result(out)
 
-    async def _resend(self, key: BatchKey, batch: list[Pending], pad_rows: int) -> None:
+    async def _send(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending],
+                    exclude: Backend | None) -> None:
+        """Send (part of) a batch through the ordinary dispatch path, with its retry."""
         live = [item for item in batch if not item.future.done()]
         if not live:
             return
-        request = self._assemble(key, live, pad_rows if len(live) == len(batch) else 0)
-
-        async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
-            return await transport.predict(request, timeout)
-
         try:
-            response = await self._dispatch(key.model, key.version, call, max(i.deadline for i in live))
-        except ServingError as exc:
-            _fail(live, exc)
-            return
-        self._deliver(live, [item.rows for item in live], response)
-
-    async def _one_by_one(self, key: BatchKey, batch: list[Pending]) -> None:
-        """Isolate the guilty: each member alone, so only a bad request gets its error."""
-        self.metrics.retried(key.model, "batch_invalid_argument")
-
-        async def alone(item: Pending) -> None:
-            if item.future.done():
-                return
+            request = self._assemble(key, live, settings)
 
             async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
-                return await transport.predict(item.request, timeout)
+                return await transport.predict(request, timeout)
 
-            try:
-                response = await self._dispatch(key.model, key.version, call, item.deadline)
-            except ServingError as exc:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-                return
-            if not item.future.done():
-                item.future.set_result(response)
-
-        await asyncio.gather(*(alone(item) for item in batch))
+            response = await self._dispatch(key.model, key.version, call,
+                                            max(item.deadline for item in live), exclude)
+            self._deliver(live, response)
+        except ServingError as exc:
+            _fail(live, exc)
+        except Exception as exc:
+            log.exception("resending a batch of %s failed unexpectedly", key.model)
+            _fail(live, Internal(f"{type(exc).__name__}: {exc}"))
 
     async def close(self) -> None:
         for task in [*self._runners.values(), *self._tasks]:

@@ -72,10 +72,13 @@ class DataPlane:
         return await self.dispatch(spec.name, version, call, deadline)
 
     async def dispatch(
-        self, model: str, version: int, call: Callable[[Transport, float], Awaitable[T]], deadline: float
+        self, model: str, version: int, call: Callable[[Transport, float], Awaitable[T]], deadline: float,
+        exclude: Backend | None = None,
     ) -> T:
-        """Run ``call`` on a worker slot; one retry elsewhere if the worker fails under it."""
-        exclude: Backend | None = None
+        """Run ``call`` on a worker slot; one retry elsewhere if the worker fails under it.
+
+        ``exclude``: a worker that already failed this request (the batcher's resend).
+        """
         for attempt in (0, 1):
             backend = await self.pool.acquire(model, version, deadline, exclude)
             try:

@@ -42,10 +42,20 @@ def batch_rows(inputs: Mapping[str, TensorProto], names: Sequence[str]) -> int:
 
 
 def _raw(tensor: TensorProto) -> bool:
-    """True when the tensor's rows can be joined/sliced as bytes."""
-    return tensor.dtype != DT_STRING and (
-        bool(tensor.tensor_content) or num_elements(shape_of(tensor)) == 0
-    )
+    """True when the tensor's rows can be joined/sliced as bytes (length checked)."""
+    np_dtype = NUMPY_DTYPE.get(tensor.dtype)
+    if np_dtype is None or tensor.dtype == DT_STRING:
+        return False
+    shape = shape_of(tensor)
+    count = num_elements(shape)
+    if not tensor.tensor_content:
+        return count == 0
+    if len(tensor.tensor_content) != count * np_dtype.itemsize:
+        raise InvalidArgument(
+            f"tensor_content has {len(tensor.tensor_content)} bytes but shape {list(shape)} "
+            f"needs {count * np_dtype.itemsize}"
+        )
+    return True
 
 
 def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
@@ -59,7 +69,7 @@ def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
     total = sum(t.tensor_shape.dim[0].size for t in tensors)
     if pad_rows == 0 and len(tensors) == 1:
         return first
-    if dtype in NUMPY_DTYPE and all(_raw(t) for t in tensors):
+    if all([_raw(t) for t in tensors]):  # a list: every tensor's length is checked
         itemsize = NUMPY_DTYPE[dtype].itemsize
         row_bytes = itemsize * num_elements(inner)
         parts = [t.tensor_content for t in tensors]
@@ -77,7 +87,17 @@ def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
 
 
 def split(tensor: TensorProto, rows: Sequence[int]) -> list[TensorProto]:
-    """Cut a batch output into consecutive pieces of ``rows`` rows (padding rows dropped)."""
+    """Cut a batch output into consecutive pieces of ``rows`` rows (padding rows dropped).
+
+    A malformed output is the worker's fault, so every problem here is INTERNAL.
+    """
+    try:
+        return _split(tensor, rows)
+    except InvalidArgument as exc:
+        raise Internal(f"cannot split the worker's batch output: {exc.message}") from exc
+
+
+def _split(tensor: TensorProto, rows: Sequence[int]) -> list[TensorProto]:
     shape = shape_of(tensor)
     if not shape or shape[0] < sum(rows):
         raise Internal(
