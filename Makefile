@@ -37,5 +37,11 @@ protos: install
 bench-worker: install
 	$(PY) -m loadtest.bench_worker
 
+bench-router: install demo
+	$(PY) -m loadtest.bench_router
+
+bench-batching: install demo
+	$(PY) -m loadtest.bench_batching
+
 clean:
 	rm -rf $(VENV) models build *.egg-info

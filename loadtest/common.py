@@ -2,12 +2,17 @@
 
 * ``WorkerProcess`` / ``start_worker``: a ``python -m workers`` child process
   on a free port, its stderr kept in a log file, stopped with SIGTERM.
+* ``RouterProcess``: ``python -m router serve`` (a config dict written to a
+  temporary YAML file, and/or quick flags) on free ports, ready once
+  ``/readyz`` answers 200; its worker pids and parsed ``/metrics``.
+* ``ListeningProcess``: any ``python -m MODULE --port 0`` helper server that
+  prints ``listening on PORT`` (``loadtest.fixed_reply``, ``loadtest.inline_rest``).
 * ``closed_loop`` (asyncio) and ``sync_loop`` (plain calls): closed-loop load
   generators that time every call and return a ``LoadResult`` (rate, rows/s,
   latency percentiles, errors, and the CPU time used by chosen processes
   during the measured window).
 * ``percentile``, ``print_table``, ``progress``, ``run_async`` (uvloop when
-  available), ``cpu_seconds`` and ``error_text``.
+  available), ``cpu_seconds``, ``error_text``, ``ratio`` and ``http_get``.
 
 Nothing here imports TensorFlow, so router-side benchmarks can use it too.
 """
@@ -458,3 +463,332 @@ def start_worker(
     for name, path in models.items():
         args += ["--model", f"{name}={Path(path).resolve()}"]
     return WorkerProcess([*args, *extra_args], listen=listen, log_dir=log_dir)
+
+
+# -- other child processes ------------------------------------------------------
+
+
+def ratio(a: float, b: float) -> float:
+    """``a / b``, NaN when ``b`` is not positive or either is NaN."""
+    return a / b if b > 0 else float("nan")
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """``(status, body)`` of a GET, HTTP errors included, never through a proxy."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """The argv of process ``pid`` (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live direct children of process ``pid``, sorted."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z" and int(fields[1]) == pid:  # state, ppid
+            found.append(int(entry))
+    return sorted(found)
+
+
+class _ChildProcess:
+    """A ``python ...`` child: stderr to a log file, stdout lines collected, SIGTERM to stop.
+
+    Subclasses wait in ``__init__`` for the lines that say where the child
+    listens (``_wait_line``).  A log in the temp directory is removed after a
+    clean exit; one in a chosen ``log_dir``, or of a child that failed, is kept.
+    """
+
+    kind = "child"
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        log_dir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._remove_clean_log = log_dir is None
+        log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"tfs-{self.kind}-{os.getpid()}-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.argv = list(argv)
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=dict(env) if env is not None else child_env(),
+            cwd=ROOT,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        # Keeps draining stdout so the child never blocks on a full pipe.
+        threading.Thread(target=self._read_stdout, name=f"{self.kind}-{self.pid}-stdout", daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def _wait_line(self, predicate: Callable[[str], T | None], timeout: float) -> T:
+        """The first non-None ``predicate(line)`` of stdout; RuntimeError on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    found = predicate(line)
+                    if found is not None:
+                        return found
+                seen = len(self.lines)
+                if self._eof:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+        if self.proc.poll() is None and not self._eof:
+            raise RuntimeError(f"{self.kind} said nothing usable within {timeout}s:\n{self.log_tail()}")
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} before it was up:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 5000) -> str:
+        """The end of the child's stderr (works after ``terminate()`` too)."""
+        if not self._log.closed:
+            self._log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""  # removed after a clean exit
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit code.  Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+            if self._remove_clean_log and self.proc.returncode == 0:
+                self.log_path.unlink(missing_ok=True)
+        return self.proc.returncode
+
+    def stop(self) -> str:
+        """``terminate()`` and a one-line account of how it ended (with the log's end if it died)."""
+        died = not self.alive()
+        code = self.terminate()
+        if died or code != 0:
+            return f"{self.kind} pid {self.pid} ended with exit code {code}; its log ends:\n{self.log_tail(3000)}"
+        return f"{self.kind} pid {self.pid} stopped (exit code {code})"
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+class ListeningProcess(_ChildProcess):
+    """``python -m MODULE --port 0 ARGS``: a helper server that prints ``listening on PORT``.
+
+    Returns once the line is printed; ``.port`` and ``.address``
+    (``127.0.0.1:PORT``) say where it listens.
+    """
+
+    PREFIX = "listening on "
+
+    def __init__(
+        self,
+        module: str,
+        args: Sequence[str] = (),
+        *,
+        log_dir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.kind = module.rsplit(".", 1)[-1]
+        super().__init__([sys.executable, "-m", module, "--port", "0", *args], log_dir=log_dir, env=env)
+        try:
+            self.port = self._wait_line(self._port_of, start_timeout)
+        except BaseException:
+            self.terminate(timeout=5)
+            raise
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _port_of(self, line: str) -> int | None:
+        if line.startswith(self.PREFIX):
+            return int(line[len(self.PREFIX) :].strip().rsplit(":", 1)[-1])
+        return None
+
+
+class RouterProcess(_ChildProcess):
+    """A ``python -m router serve`` child process on free ports.
+
+    ``RouterProcess(config)`` writes the config dict to a temporary YAML file
+    (removed by ``terminate()``) and serves it; ``RouterProcess(args=[...])``
+    uses quick flags only (``--model-name ctr --model-base-path models/ctr
+    --workers 2 --no-batching``); both may be combined (flags override the
+    file).  Unless the config or the flags name ports, ``--grpc-port 0
+    --rest-port 0`` pick free ones.  Returns once the router printed its
+    addresses (``.grpc_port``, ``.rest_port``, ``.grpc_address``,
+    ``.rest_url``); ``wait_ready()`` then waits for ``/readyz`` 200 (and,
+    optionally, for N workers in state ready).  Use as a context manager or
+    call ``terminate()`` (SIGTERM: the router stops its workers) in a
+    ``finally``.
+    """
+
+    kind = "router"
+    GRPC_LINE = "gRPC (TF Serving API):"
+    REST_LINE = "REST (TF Serving API):"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        args: Sequence[str] = (),
+        *,
+        log_dir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        argv = [sys.executable, "-m", "router", "serve"]
+        self.config_path: Path | None = None
+        if config is not None:
+            import yaml
+
+            fd, name = tempfile.mkstemp(prefix="tfs-router-", suffix=".yaml", dir=log_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(_plain(config), f, sort_keys=False)
+            self.config_path = Path(name)
+            argv += ["--config", str(self.config_path)]
+        args = list(args)
+        for section in ("grpc", "rest"):
+            flag = f"--{section}-port"
+            if flag not in args and "port" not in dict((config or {}).get(section) or {}):
+                args += [flag, "0"]
+        argv += args
+        try:
+            super().__init__(argv, log_dir=log_dir, env=env)
+        except BaseException:
+            self._remove_config()
+            raise
+        try:
+            self.grpc_port = self._wait_line(self._grpc_port_of, start_timeout)
+            self.rest_port = self._wait_line(self._rest_port_of, 5.0)
+        except BaseException:
+            self.terminate(timeout=10)
+            raise
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        self.rest_url = f"http://127.0.0.1:{self.rest_port}"
+
+    def _grpc_port_of(self, line: str) -> int | None:
+        if self.GRPC_LINE in line:
+            return int(line.rsplit(":", 1)[1])
+        return None
+
+    def _rest_port_of(self, line: str) -> int | None:
+        if self.REST_LINE in line:
+            host_port = line.split("://", 1)[1].split("/", 1)[0]
+            return int(host_port.rsplit(":", 1)[1])
+        return None
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+        """``(status, body)`` of a GET on the router's REST port."""
+        return http_get(self.rest_url + path, timeout)
+
+    def wait_ready(self, timeout: float = 180.0, workers: int = 0) -> float:
+        """Block until ``/readyz`` is 200 and ``workers`` workers are ready; seconds since start."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _ = self.get("/readyz", timeout=2)
+                if status == 200 and (workers <= 0 or self.ready_workers() >= workers):
+                    return time.monotonic() - self.started_at
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"router not ready after {timeout}s:\n{self.log_tail()}")
+
+    def metrics(self, timeout: float = 10.0) -> list[tuple[str, dict[str, str], float]]:
+        """The ``/metrics`` samples as ``(name, labels, value)``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, body = self.get("/metrics", timeout)
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return [
+            (s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        ]
+
+    def ready_workers(self) -> int:
+        return sum(
+            1 for name, labels, value in self.metrics()
+            if name == "tfs_router_worker_state" and labels.get("state") == "ready" and value == 1
+        )
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the worker processes the router spawned (live ones), sorted."""
+        return [p for p in child_pids(self.pid) if "workers" in process_cmdline(p)]
+
+    def _remove_config(self) -> None:
+        if self.config_path is not None:
+            self.config_path.unlink(missing_ok=True)
+
+    def terminate(self, timeout: float = 60.0) -> int | None:
+        try:
+            return super().terminate(timeout)
+        finally:
+            self._remove_config()
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences as the dicts and lists ``yaml.safe_dump`` takes."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

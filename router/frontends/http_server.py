@@ -111,6 +111,9 @@ class RestFrontend:
             code = exc.code.name
             return web.Response(body=rest_json.error_body(exc.message), status=exc.http_status,
                                 content_type=JSON, headers=exc.headers())
+        except web.HTTPException as exc:  # aiohttp's own refusals, e.g. a body over max_body_bytes
+            code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_ARGUMENT"
+            return web.Response(body=rest_json.error_body(exc.reason), status=exc.status, content_type=JSON)
         except Exception as exc:
             code = "INTERNAL"
             logger.exception("unexpected error on %s %s", request.method, request.path)
