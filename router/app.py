@@ -112,7 +112,8 @@ class App:
                 w.count, self._socket_dir, numa=w.numa, sysfs_root=w.sysfs_root,
                 cpus_per_worker=w.cpus_per_worker, intra_op_threads=w.intra_op_threads,
                 inter_op_threads=w.inter_op_threads, predict_threads=w.predict_threads,
-                allocator=w.allocator, extra_args=("--parent-pid", str(os.getpid())),
+                allocator=w.allocator,
+                extra_args=("--parent-pid", str(os.getpid()), "--nice", str(w.nice)),
             )
             for spec in specs:
                 log.info("worker w%d: cpus %s", spec.index, list(spec.cpus) or "any")

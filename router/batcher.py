@@ -22,6 +22,7 @@ is the mechanism.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -151,33 +152,35 @@ class Batcher:
                      rows: int, deadline: float) -> predict_pb2.PredictResponse:
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = BatchQueue(settings)
-            self._wakeups[key] = asyncio.Event()
+            queue = self._new_queue(key, settings)
+        loop = asyncio.get_running_loop()
         now = self._clock()
-        item = Pending(request, rows, deadline, now, asyncio.get_running_loop().create_future())
+        future: asyncio.Future[predict_pb2.PredictResponse] = loop.create_future()
+        item = Pending(request, rows, deadline, now, future)
         try:
             queue.add(item)
         except ResourceExhausted:
             self.metrics.shed(key.model, "queue_full")
             raise
-        item.future.add_done_callback(lambda _: self._left(key, queue, item))
-        self.metrics.set_queue_depth(key.model, self.queued_rows(key.model))
+        future.add_done_callback(functools.partial(_left_queue, queue, item))
+        # The deadline is a timer on the item's own future; a client that goes
+        # away cancels the future through the awaiting task.  Either way the
+        # request is done, and batch formation skips it: never computed.
+        timer = loop.call_later(max(0.0, deadline - now), _expire, future)
         self._wakeups[key].set()
         if key not in self._runners:
-            runner = asyncio.get_running_loop().create_task(self._run(key, queue), name=f"batch-{key.model}")
-            self._runners[key] = runner
+            self._runners[key] = loop.create_task(self._run(key, queue), name=f"batch-{key.model}")
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), max(0.0, deadline - now))
-        except asyncio.TimeoutError:
-            item.future.cancel()
-            raise DeadlineExceeded("deadline exceeded while waiting in the batch queue") from None
-        except asyncio.CancelledError:
-            item.future.cancel()  # the client went away: never compute it
-            raise
+            return await future
+        finally:
+            timer.cancel()
 
-    def _left(self, key: BatchKey, queue: BatchQueue, item: Pending) -> None:
-        queue.forget(item)
-        self.metrics.set_queue_depth(key.model, self.queued_rows(key.model))
+    def _new_queue(self, key: BatchKey, settings: BatchingConfig) -> BatchQueue:
+        queue = self._queues[key] = BatchQueue(settings)
+        self._wakeups[key] = asyncio.Event()
+        model = key.model
+        self.metrics.track_queue_depth(model, lambda: self.queued_rows(model))
+        return queue
 
     async def _run(self, key: BatchKey, queue: BatchQueue) -> None:
         """The queue's dispatcher: one slot claim at a time, the head goes when it is granted."""
@@ -212,7 +215,6 @@ class Batcher:
                     queue.items.clear()
                     continue
                 batch, trigger = queue.take(self._clock())
-                self.metrics.set_queue_depth(key.model, self.queued_rows(key.model))
                 if not batch:
                     self.pool.release(backend, key.model)
                     continue
@@ -310,6 +312,15 @@ class Batcher:
         for task in [*self._runners.values(), *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._runners.values(), *self._tasks, return_exceptions=True)
+
+
+def _left_queue(queue: BatchQueue, item: Pending, _: object) -> None:
+    queue.forget(item)
+
+
+def _expire(future: asyncio.Future[predict_pb2.PredictResponse]) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
 
 
 def _fail(batch: list[Pending], exc: ServingError) -> None:

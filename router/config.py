@@ -52,8 +52,12 @@ class WorkersConfig:
     intra_op_threads: int = 0  # 0: the worker's CPU count
     inter_op_threads: int = 0  # 0: 1 or 2 by CPU count
     predict_threads: int = 1  # threads running TF calls per worker (1 measured fastest: fewer GIL hand-offs)
-    max_inflight: int = 4  # requests (later: batches) in flight per worker
+    max_inflight: int = 4  # requests or batches in flight per worker
     allocator: str = ""  # a malloc .so to LD_PRELOAD into workers (e.g. jemalloc)
+    # Workers run at a lower CPU priority than the router: where they share
+    # cores, the router's event loop (which admits requests and forms
+    # batches) must not be starved by TF's compute threads.
+    nice: int = 10
     health_interval_s: float = 1.0
     startup_timeout_s: float = 180.0
     restart_backoff_s: float = 0.5
@@ -208,6 +212,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("workers.count: must be at least 1")
     if w.mode == "static" and not w.addresses:
         raise ConfigError("workers.addresses: static mode needs at least one address")
+    if not 0 <= w.nice <= 19:
+        raise ConfigError("workers.nice: must be between 0 and 19")
     if w.max_inflight < 1:
         raise ConfigError("workers.max_inflight: must be at least 1")
     for port, where in ((cfg.grpc.port, "grpc.port"), (cfg.rest.port, "rest.port")):

@@ -66,6 +66,7 @@ class Control:
         self.pool = pool
         self.rpc_timeout = rpc_timeout
         self.aspired: dict[str, tuple[int, ...]] = {m.name: () for m in config.models}
+        self._models = {m.name: m for m in config.models}
         self._meta: dict[tuple[str, int], VersionMeta] = {}
         self._sync_locks: dict[str, asyncio.Lock] = {}
         self._on_change = on_change or (lambda: None)
@@ -84,7 +85,7 @@ class Control:
         return req
 
     def model(self, name: str) -> ModelConfig:
-        m = self.config.model(name)
+        m = self._models.get(name)
         if m is None:
             raise NotFound(f"Servable not found for request: Latest({name})")
         return m
@@ -201,9 +202,10 @@ class Control:
             self.pool.wake(backend)  # waiters for a new version need not wait for phase 2
         if held != target:
             # Phase 2: stop routing the versions being dropped, then drop them.
-            for m, versions in target.items():
-                for v in set(held[m]) - set(versions):
-                    backend.versions.get(m, {}).pop(v, None)
+            backend.versions = {
+                m: {v: st for v, st in by_version.items() if v in target.get(m, ()) or v not in held.get(m, ())}
+                for m, by_version in backend.versions.items()
+            }
             self.pool.fail_waiters()
             await self._reload(backend, target, generation)
         if backend.generation == generation and backend.state != DEAD:

@@ -53,16 +53,16 @@ class DataPlane:
     async def predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         version, sig = self.signature(spec)
-        names, outputs = sig.validate(request.inputs, request.output_filter)
+        names, outputs, shapes = sig.validate_shapes(request.inputs, request.output_filter)
         spec.version.value = version  # explicit from here on (clears a label)
         spec.signature_name = sig.name
         settings = self.control.model(spec.name).batching
         if self.batcher is not None and settings.enabled and sig.batchable:
-            rows = batch_rows(request.inputs, names)
+            rows = batch_rows(names, shapes)
             if 0 < rows <= settings.max_batch_size:
                 inputs = request.inputs
                 key = BatchKey(spec.name, version, sig.name, tuple(
-                    (n, inputs[n].dtype, tuple(d.size for d in inputs[n].tensor_shape.dim[1:])) for n in names
+                    [(n, inputs[n].dtype, shape[1:]) for n, shape in zip(names, shapes)]
                 ), outputs)
                 return await self.batcher.submit(key, settings, request, rows, deadline)
 

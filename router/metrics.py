@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -215,6 +215,11 @@ class Metrics:
             "tfs_router_worker_inflight", "Requests in flight on a worker.",
             ("worker",), registry=r,
         )
+        self._active = Gauge(
+            "tfs_router_requests_in_flight", "Requests being handled by the router (received, not yet answered).",
+            ("protocol",), registry=r,
+        )
+        self._active_children = {p: self._active.labels(p) for p in ("grpc", "rest")}
         self._state = Gauge(
             "tfs_router_worker_state", "1 for the worker's current state, 0 for the others.",
             ("worker", "state"), registry=r,
@@ -324,6 +329,14 @@ class Metrics:
             children[previous].set(0)
         children[state].set(1)
         self._current_state[worker] = state
+
+    def track_in_flight(self, protocol: str, read: Callable[[], float]) -> None:
+        """Requests being handled, read at scrape time (nothing on the hot path)."""
+        self._active_children[protocol].set_function(read)
+
+    def track_queue_depth(self, model: str, read: Callable[[], float]) -> None:
+        """Rows waiting in ``model``'s batch queues, read at scrape time."""
+        self._queue_depth.labels(model).set_function(read)
 
     def set_worker_inflight(self, worker: str, n: int) -> None:
         child = self._inflight_children.get(worker)

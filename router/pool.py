@@ -138,9 +138,23 @@ def _translate(exc: grpc.aio.AioRpcError) -> ServingError:
     return from_code(code, details)
 
 
+# Bumped whenever any backend's state, versions or transport changes, so the
+# per-request view of "which versions are available" is cached between changes.
+_topology_epoch = [0]
+_TOPOLOGY_FIELDS = frozenset({"state", "versions", "transport"})
+
+
 @dataclass(eq=False)
 class Backend:
-    """One worker, as the router sees it."""
+    """One worker, as the router sees it.
+
+    ``versions`` is replaced, never mutated in place, so every change is seen.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _TOPOLOGY_FIELDS:
+            _topology_epoch[0] += 1
 
     name: str
     address: str
@@ -195,6 +209,8 @@ class Pool:
         self._rng = rng or random.Random()
         self._waiters: deque[_Waiter] = deque()
         self._queued: dict[str, int] = {}  # waiters per model, for the max_queued bound
+        self._available: dict[str, set[int]] = {}
+        self._cache_epoch = -1
         self._on_inflight = on_inflight or (lambda b: None)
 
     # -- queries ---------------------------------------------------------------
@@ -206,10 +222,17 @@ class Pool:
         raise KeyError(name)
 
     def available_versions(self, model: str) -> set[int]:
-        out: set[int] = set()
-        for b in self.backends:
-            if b.routable:
-                out |= b.available(model)
+        """Versions of ``model`` some routable worker holds (cached until a backend changes)."""
+        if self._cache_epoch != _topology_epoch[0]:
+            self._available.clear()
+            self._cache_epoch = _topology_epoch[0]
+        out = self._available.get(model)
+        if out is None:
+            out = set()
+            for b in self.backends:
+                if b.routable:
+                    out |= b.available(model)
+            self._available[model] = out
         return out
 
     def holders(self, model: str, version: int) -> list[Backend]:

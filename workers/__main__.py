@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inter-op-threads", type=int, default=0, help="TF inter-op threads (0: TF default)")
     p.add_argument("--predict-threads", type=int, default=1, help="threads running TF calls")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="gRPC concurrency bound")
+    p.add_argument("--nice", type=int, default=0,
+                   help="lower this process's CPU priority by N (0-19) before TF starts its threads")
     p.add_argument("--parent-pid", type=int, default=0,
                    help="exit when this process (the router) is gone, even if it was killed with SIGKILL")
     p.add_argument("--log-level", default="INFO")
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.nice:
+        # Threads inherit the niceness of the thread that creates them, so this
+        # must run before TF or gRPC start theirs.
+        os.setpriority(os.PRIO_PROCESS, 0, max(0, min(19, args.nice)))
     if args.cpus:
         # Before TensorFlow is imported: affinity is inherited only by threads
         # created afterwards.

@@ -39,6 +39,8 @@ class GrpcFrontend:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.active = 0  # requests being handled
+        metrics.track_in_flight("grpc", lambda: self.active)
 
     def _label(self, model: str) -> str:
         """Unknown model names share one label: a URL must not mint new series."""
@@ -56,6 +58,7 @@ class GrpcFrontend:
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            self.active += 1
             token = rlog.bind_request_id(rlog.new_request_id())
             code = "OK"
             model = ""
@@ -73,6 +76,7 @@ class GrpcFrontend:
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             finally:
                 elapsed = time.perf_counter() - start
+                self.active -= 1
                 metrics.observe_request(self._label(model), api, "grpc", code, elapsed)
                 rlog.access(api, model, code, elapsed, "grpc")
                 rlog.request_id.reset(token)

@@ -69,6 +69,8 @@ class RestFrontend:
         self.accepting = False
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self.active = 0  # requests being handled
+        metrics.track_in_flight("rest", lambda: self.active)
 
     def _label(self, model: str) -> str:
         """Unknown model names share one label: a URL must not mint new series."""
@@ -78,6 +80,7 @@ class RestFrontend:
 
     async def _models(self, request: web.Request) -> web.Response:
         start = time.perf_counter()
+        self.active += 1
         token = rlog.bind_request_id(rlog.new_request_id())
         api, model, code = "unknown", "", "OK"
         headers: dict[str, str] = {}
@@ -121,6 +124,7 @@ class RestFrontend:
                                 content_type=JSON)
         finally:
             elapsed = time.perf_counter() - start
+            self.active -= 1
             self.metrics.observe_request(self._label(model), api, "rest", code, elapsed)
             rlog.access(api, model, code, elapsed, "rest")
             rlog.request_id.reset(token)

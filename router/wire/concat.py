@@ -23,15 +23,14 @@ from router.wire.tensor import DT_STRING, NUMPY_DTYPE, from_numpy, num_elements,
 TensorProto = tensor_pb2.TensorProto
 
 
-def batch_rows(inputs: Mapping[str, TensorProto], names: Sequence[str]) -> int:
+def batch_rows(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> int:
     """Dimension 0 shared by every input; INVALID_ARGUMENT when they disagree."""
     rows = -1
     first = ""
-    for name in names:
-        dims = inputs[name].tensor_shape.dim
-        if not dims:
+    for name, shape in zip(names, shapes):
+        if not shape:
             raise InvalidArgument(f"input '{name}' is a scalar; a batched signature needs a batch dimension")
-        n = dims[0].size
+        n = shape[0]
         if rows < 0:
             rows, first = n, name
         elif n != rows:

@@ -127,11 +127,21 @@ class Signature:
         self, inputs: Mapping[str, tensor_pb2.TensorProto], output_filter: Sequence[str]
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Validate a Predict request's tensors; returns (sorted inputs, sorted outputs)."""
+        names, outputs, _ = self.validate_shapes(inputs, output_filter)
+        return names, outputs
+
+    def validate_shapes(
+        self, inputs: Mapping[str, tensor_pb2.TensorProto], output_filter: Sequence[str]
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, ...], ...]]:
+        """``validate``, also returning each sorted input's shape (read once, reused for batching)."""
         names = self.check_names(inputs)
+        shapes = []
         for name in names:
             tensor = inputs[name]
-            self.check_tensor(name, tensor.dtype, shape_of(tensor))
-        return names, self.select_outputs(output_filter)
+            shape = shape_of(tensor)
+            self.check_tensor(name, tensor.dtype, shape)
+            shapes.append(shape)
+        return names, self.select_outputs(output_filter), tuple(shapes)
 
 
 def find_signature(sigs: Mapping[str, Signature], name: str) -> Signature:

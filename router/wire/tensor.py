@@ -16,6 +16,7 @@ repeat the last value or fill zeros.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -106,14 +107,11 @@ def shape_of(tensor: TensorProto) -> tuple[int, ...]:
     shape = tensor.tensor_shape
     if shape.unknown_rank:
         raise InvalidArgument("tensor shape has unknown rank; a request tensor needs a full shape")
-    dims = tuple(d.size for d in shape.dim)
-    count = 1
-    for d in dims:
-        if d < 0:
-            raise InvalidArgument(f"tensor shape {list(dims)} has a negative dimension")
-        count *= d
-        if count > _INT64_MAX:
-            raise InvalidArgument(f"tensor shape {list(dims)} has more elements than fit in int64")
+    dims = tuple([d.size for d in shape.dim])
+    if dims and min(dims) < 0:
+        raise InvalidArgument(f"tensor shape {list(dims)} has a negative dimension")
+    if len(dims) > 1 and math.prod(dims) > _INT64_MAX:
+        raise InvalidArgument(f"tensor shape {list(dims)} has more elements than fit in int64")
     return dims
 
 

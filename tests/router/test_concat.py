@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 from protos import tensor_pb2, types_pb2
 from router.errors import Internal, InvalidArgument, ServingError
 from router.wire.concat import batch_rows, concat, pad_to, split
-from router.wire.tensor import DT_FLOAT, DT_STRING, dtype_of_array, from_numpy, to_numpy
+from router.wire.tensor import DT_FLOAT, DT_STRING, dtype_of_array, from_numpy, shape_of, to_numpy
 
 TensorProto = tensor_pb2.TensorProto
 
@@ -230,37 +230,41 @@ def _shaped(shape: tuple[int, ...]) -> TensorProto:
     return from_numpy(np.zeros(shape, dtype=np.float32))
 
 
+def rows_of(inputs: dict[str, TensorProto], names: list[str]) -> int:
+    return batch_rows(names, [shape_of(inputs[n]) for n in names])
+
+
 @given(st.integers(0, 6), st.dictionaries(st.sampled_from("abcdef"), st.lists(st.integers(0, 3), max_size=2),
                                           min_size=1, max_size=6))
 def test_batch_rows_is_the_shared_first_dimension(rows: int, inners: dict[str, list[int]]) -> None:
     inputs = {name: _shaped((rows, *inner)) for name, inner in inners.items()}
-    assert batch_rows(inputs, sorted(inputs)) == rows
+    assert rows_of(inputs, sorted(inputs)) == rows
 
 
 def test_batch_rows_of_no_inputs_is_zero() -> None:
-    assert batch_rows({}, []) == 0
+    assert rows_of({}, []) == 0
 
 
 @given(st.integers(0, 6), st.integers(0, 6))
 def test_batch_rows_refuses_inputs_that_disagree(a: int, b: int) -> None:
     inputs = {"a": _shaped((a, 2)), "b": _shaped((b,))}
     if a == b:
-        assert batch_rows(inputs, ["a", "b"]) == a
+        assert rows_of(inputs, ["a", "b"]) == a
     else:
         with pytest.raises(InvalidArgument, match="dimension 0"):
-            batch_rows(inputs, ["a", "b"])
+            rows_of(inputs, ["a", "b"])
 
 
 @pytest.mark.parametrize("order", [["a", "s"], ["s", "a"]])
 def test_batch_rows_refuses_a_scalar_input(order: list[str]) -> None:
     inputs = {"a": _shaped((2, 3)), "s": _shaped(())}
     with pytest.raises(InvalidArgument, match="scalar"):
-        batch_rows(inputs, order)
+        rows_of(inputs, order)
 
 
 def test_batch_rows_only_looks_at_the_named_inputs() -> None:
     inputs = {"a": _shaped((2, 3)), "other": _shaped((5,))}
-    assert batch_rows(inputs, ["a"]) == 2
+    assert rows_of(inputs, ["a"]) == 2
 
 
 # -- pad_to --------------------------------------------------------------------

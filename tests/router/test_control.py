@@ -307,7 +307,8 @@ def test_resolve_latest_with_nothing_available() -> None:
 def test_ready_needs_every_model_somewhere() -> None:
     control = resolver()
     assert not control.ready()
-    control.pool.by_name("c").versions["empty"] = {1: vstatus(1)}
+    c = control.pool.by_name("c")
+    c.versions = {**c.versions, "empty": {1: vstatus(1)}}  # versions are replaced, never mutated
     assert control.ready()
 
 
