@@ -157,6 +157,14 @@ class Batcher:
         now = self._clock()
         future: asyncio.Future[predict_pb2.PredictResponse] = loop.create_future()
         item = Pending(request, rows, deadline, now, future)
+        if not queue.items and key not in self._runners:
+            # Nothing waits and a slot is free: go at once, from this task (no
+            # dispatcher hop), so low load pays nothing for batching.
+            backend = self.pool.try_acquire(key.model, key.version, limit=settings.max_inflight_batches)
+            if backend is not None:
+                item.queued = False
+                await self._execute(key, settings, [item], SLOT_FREED, backend)
+                return await future
         try:
             queue.add(item)
         except ResourceExhausted:
