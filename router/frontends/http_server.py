@@ -31,7 +31,7 @@ from router.errors import InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
 from router.wire import rest_json
 from router.wire.signature import find_signature
-from router.wire.tensor import from_numpy, to_numpy
+from router.wire.tensor import fill, to_numpy
 
 logger = logging.getLogger("router.rest")
 
@@ -145,7 +145,7 @@ class RestFrontend:
         req.model_spec.version.value = version
         req.model_spec.signature_name = sig.name
         for name, array in parsed.inputs.items():
-            req.inputs[name].CopyFrom(from_numpy(array, sig.inputs[name].dtype if name in sig.inputs else None))
+            fill(req.inputs[name], array, sig.inputs[name].dtype if name in sig.inputs else None)
         resp = await self.dp.predict(req, deadline)
         outputs = {name: to_numpy(t) for name, t in resp.outputs.items()}
         body = rest_json.format_predict_response(outputs, parsed.row_format)

@@ -57,6 +57,29 @@ def _raw(tensor: TensorProto) -> bool:
     return True
 
 
+def _raw_parts(tensors: Sequence[TensorProto], dtype: int, inner: tuple[int, ...]) -> list[bytes] | None:
+    """Each tensor's ``tensor_content`` when all can be joined as bytes, else None.
+
+    Hot path: the inner dimensions are already known equal (they are part of
+    the batch key), so only dimension 0 and the content length are read.
+    """
+    np_dtype = NUMPY_DTYPE.get(dtype)
+    if np_dtype is None or dtype == DT_STRING:
+        return None
+    row_bytes = np_dtype.itemsize * num_elements(inner)
+    parts = []
+    for t in tensors:
+        content = t.tensor_content
+        expected = t.tensor_shape.dim[0].size * row_bytes
+        if len(content) != expected:
+            if content:
+                raise InvalidArgument(
+                    f"tensor_content has {len(content)} bytes but its shape needs {expected}")
+            return None  # typed *_val fields: the numpy path decodes them
+        parts.append(content)
+    return parts
+
+
 def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
     """Concatenate tensors of one dtype and inner shape along dimension 0.
 
@@ -68,10 +91,9 @@ def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
     total = sum(t.tensor_shape.dim[0].size for t in tensors)
     if pad_rows == 0 and len(tensors) == 1:
         return first
-    if all([_raw(t) for t in tensors]):  # a list: every tensor's length is checked
-        itemsize = NUMPY_DTYPE[dtype].itemsize
-        row_bytes = itemsize * num_elements(inner)
-        parts = [t.tensor_content for t in tensors]
+    parts = _raw_parts(tensors, dtype, inner)
+    if parts is not None:
+        row_bytes = NUMPY_DTYPE[dtype].itemsize * num_elements(inner)
         if pad_rows:
             parts.append(first.tensor_content[:row_bytes] * pad_rows)
         out = TensorProto(dtype=dtype, tensor_content=b"".join(parts))

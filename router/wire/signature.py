@@ -11,6 +11,8 @@ the payload, so validation costs the same at batch 1 and 1024.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,7 +76,7 @@ class Signature:
             method_name=sig.method_name,
         )
 
-    @property
+    @functools.cached_property
     def batchable(self) -> bool:
         """Every input and output has a leading -1 dimension (safe to concatenate on dim 0)."""
         return bool(self.inputs) and all(

@@ -209,10 +209,15 @@ def dtype_of_array(array: np.ndarray[Any, Any]) -> int:
 
 def from_numpy(array: Any, dtype: int | None = None) -> TensorProto:
     """Encode an array (or anything np.asarray takes) as TF would."""
+    return fill(TensorProto(), array, dtype)
+
+
+def fill(out: TensorProto, array: Any, dtype: int | None = None) -> TensorProto:
+    """``from_numpy`` into an existing (empty) message, e.g. a request's map entry: no copy."""
     arr = np.asarray(array)
     if dtype is None:
         dtype = dtype_of_array(arr)
-    out = TensorProto(dtype=dtype)
+    out.dtype = dtype  # type: ignore[assignment]
     dims = out.tensor_shape.dim
     for d in arr.shape:
         dims.add(size=d)
