@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     except cfgmod.ConfigError as exc:
         print(f"tfs-router: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    import os
-    sys.setswitchinterval(float(os.environ.get("TFS_SWITCH_INTERVAL", "0.005")))
     rlog.setup(cfg.log.level, cfg.log.format, cfg.log.access_log)
     # One series per label set is enough; *_created doubles the scrape for nothing.
     import prometheus_client

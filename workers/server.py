@@ -9,7 +9,8 @@ TF Serving client can call a worker directly.
 
 grpc.aio: no thread per request.  Concurrency is bounded twice: by the
 server's ``maximum_concurrent_rpcs`` and by the fixed pool of threads that
-run TF (a request waits for a free thread; it never spawns one).
+run TF (a request waits for a free thread; it never spawns one), or, by
+default, by running TF inline on the event loop, one call at a time.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class WorkerServices:
     def __init__(self, manager: ModelManager, predict_threads: int) -> None:
         self.manager = manager
         self.health = health.aio.HealthServicer()
-        self._pool = ThreadPoolExecutor(max_workers=predict_threads, thread_name_prefix="predict")
+        self._pool = (ThreadPoolExecutor(max_workers=predict_threads, thread_name_prefix="predict")
+                      if predict_threads > 0 else None)
         self.requests = 0
 
     async def update_health(self, loading: bool = False) -> None:
@@ -88,8 +90,12 @@ class WorkerServices:
             sig = loaded.signature(spec.signature_name)
             names, outputs = sig.validate(request.inputs, request.output_filter)
             arrays = {n: to_numpy(request.inputs[n]) for n in names}
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._pool, loaded.execute, sig, names, outputs, arrays)
+            if self._pool is None:
+                # Inline on the loop: no thread hand-off (the router bounds what is in flight).
+                result = loaded.execute(sig, names, outputs, arrays)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, loaded.execute, sig, names, outputs, arrays)
         self.requests += 1
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
@@ -192,7 +198,8 @@ class WorkerServices:
         ]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def server_options() -> list[tuple[str, Any]]:
