@@ -34,7 +34,7 @@ from router.config import BatchingConfig
 from router.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServingError
 from router.metrics import Metrics
 from router.pool import Backend, Pool, Transport, TransportError
-from router.wire.concat import concat, pad_to, split
+from router.wire.concat import concat, pad_to, split_into
 
 log = logging.getLogger("router.batcher")
 
@@ -284,16 +284,21 @@ class Batcher:
         return request
 
     def _deliver(self, batch: list[Pending], response: predict_pb2.PredictResponse) -> None:
+        if len(batch) == 1 and all(
+            t.tensor_shape.dim and t.tensor_shape.dim[0].size == batch[0].rows for t in response.outputs.values()
+        ):
+            if not batch[0].future.done():
+                batch[0].future.set_result(response)  # alone and unpadded: the answer as it came
+            return
         rows = [item.rows for item in batch]
-        pieces = {name: split(tensor, rows) for name, tensor in response.outputs.items()}
-        for i, item in enumerate(batch):
-            if item.future.done():
-                continue
-            out = predict_pb2.PredictResponse()
+        outs = [predict_pb2.PredictResponse() for _ in batch]
+        for out in outs:
             out.model_spec.CopyFrom(response.model_spec)
-            for name, parts in pieces.items():
-                out.outputs[name].CopyFrom(parts[i])
-            item.future.set_result(out)
+        for name, tensor in response.outputs.items():
+            split_into(tensor, rows, [out.outputs[name] for out in outs])
+        for item, out in zip(batch, outs):
+            if not item.future.done():
+                item.future.set_result(out)
 
     async def _send(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending],
                     exclude: Backend | None) -> None:

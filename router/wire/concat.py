@@ -18,7 +18,7 @@ import numpy as np
 
 from protos import tensor_pb2
 from router.errors import Internal, InvalidArgument
-from router.wire.tensor import DT_STRING, NUMPY_DTYPE, from_numpy, num_elements, shape_of, to_numpy
+from router.wire.tensor import DT_STRING, NUMPY_DTYPE, fill, from_numpy, num_elements, shape_of, to_numpy
 
 TensorProto = tensor_pb2.TensorProto
 
@@ -112,54 +112,61 @@ def split(tensor: TensorProto, rows: Sequence[int]) -> list[TensorProto]:
 
     A malformed output is the worker's fault, so every problem here is INTERNAL.
     """
+    if len(rows) == 1 and tensor.tensor_shape.dim and tensor.tensor_shape.dim[0].size == rows[0]:
+        return [tensor]
+    pieces = [TensorProto() for _ in rows]
+    split_into(tensor, rows, pieces)
+    return pieces
+
+
+def split_into(tensor: TensorProto, rows: Sequence[int], targets: Sequence[TensorProto]) -> None:
+    """``split``, writing each piece into an existing empty message (a response's map entry)."""
     try:
-        return _split(tensor, rows)
+        _split_into(tensor, rows, targets)
     except InvalidArgument as exc:
         raise Internal(f"cannot split the worker's batch output: {exc.message}") from exc
 
 
-def _split(tensor: TensorProto, rows: Sequence[int]) -> list[TensorProto]:
+def _split_into(tensor: TensorProto, rows: Sequence[int], targets: Sequence[TensorProto]) -> None:
     shape = shape_of(tensor)
     if not shape or shape[0] < sum(rows):
         raise Internal(
             f"the worker returned an output of shape {list(shape)} for a batch of {sum(rows)} rows; "
             "the signature is not batchable"
         )
-    if len(rows) == 1 and shape[0] == rows[0]:
-        return [tensor]
+    dtype = tensor.dtype
     inner = shape[1:]
     per_row = num_elements(inner)
-    out: list[TensorProto] = []
     if _raw(tensor):
-        row_bytes = NUMPY_DTYPE[tensor.dtype].itemsize * per_row
+        row_bytes = NUMPY_DTYPE[dtype].itemsize * per_row
         content = tensor.tensor_content
         offset = 0
-        for n in rows:
-            piece = TensorProto(dtype=tensor.dtype, tensor_content=content[offset:offset + n * row_bytes])
-            piece.tensor_shape.dim.add(size=n)
+        for n, piece in zip(rows, targets):
+            piece.dtype = dtype  # type: ignore[assignment]
+            piece.tensor_content = content[offset:offset + n * row_bytes]
+            dims = piece.tensor_shape.dim
+            dims.add(size=n)
             for d in inner:
-                piece.tensor_shape.dim.add(size=d)
-            out.append(piece)
+                dims.add(size=d)
             offset += n * row_bytes
-        return out
-    if tensor.dtype == DT_STRING and len(tensor.string_val) == num_elements(shape):
+        return
+    if dtype == DT_STRING and len(tensor.string_val) == num_elements(shape):
         values = tensor.string_val
         offset = 0
-        for n in rows:
-            piece = TensorProto(dtype=DT_STRING)
+        for n, piece in zip(rows, targets):
+            piece.dtype = DT_STRING  # type: ignore[assignment]
             piece.string_val.extend(values[offset * per_row:(offset + n) * per_row])
-            piece.tensor_shape.dim.add(size=n)
+            dims = piece.tensor_shape.dim
+            dims.add(size=n)
             for d in inner:
-                piece.tensor_shape.dim.add(size=d)
-            out.append(piece)
+                dims.add(size=d)
             offset += n
-        return out
+        return
     array = to_numpy(tensor)
     offset = 0
-    for n in rows:
-        out.append(from_numpy(array[offset:offset + n], tensor.dtype))
+    for n, piece in zip(rows, targets):
+        fill(piece, array[offset:offset + n], dtype)
         offset += n
-    return out
 
 
 def pad_to(rows: int, allowed: Sequence[int]) -> int:
