@@ -37,7 +37,6 @@ stderr.  Exits 1 if any request failed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -59,7 +58,7 @@ from loadtest.bench_router import (
     signed_ms,
     times,
 )
-from loadtest.bench_worker import input_sets, latest_version, predict_requests
+from loadtest.bench_worker import input_sets, predict_requests
 from loadtest.common import (
     GRPC_OPTIONS,
     ROOT,
@@ -67,6 +66,7 @@ from loadtest.common import (
     LoadResult,
     RouterProcess,
     WorkerProcess,
+    bench_args,
     closed_loop,
     error_text,
     print_table,
@@ -429,23 +429,9 @@ def report(results: Sequence[LoadResult], stats: Sequence[BatchStats], config: M
             f"c=1 p99 {signed_ms(c1_p99)} vs no coalescing")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_batching", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per step (default 5)")
-    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / MODEL_NAME,
-                   help="model base directory (default models/ctr)")
-    args = p.parse_args(argv)
-    if args.seconds <= 0:
-        p.error("--seconds must be > 0")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    model_dir = args.model_dir.resolve()
-    latest_version(model_dir)  # fails early without `make demo`
+    args = bench_args("python -m loadtest.bench_batching", __doc__, argv)  # fails early without `make demo`
+    model_dir = args.model_dir
     started: list[Any] = []
     try:
         targets = start_all(model_dir, started)
@@ -460,11 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def stop_text(proc: Any) -> str:
     if isinstance(proc, WorkerProcess):
-        died = not proc.alive()
-        code = proc.terminate()
-        if died or code != 0:
-            return f"direct worker ended with exit code {code}; its log ends:\n{proc.log_tail(3000)}"
-        return f"direct worker stopped (exit code {code})"
+        return proc.stop("direct worker")
     return proc.stop()
 
 

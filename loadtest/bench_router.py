@@ -28,21 +28,19 @@ the headline.  Progress goes to stderr.  Exits 1 if any request failed.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from loadtest.bench_worker import latest_version, predict_requests
+from loadtest.bench_worker import predict_requests
 from loadtest.common import (
     GRPC_OPTIONS,
-    ROOT,
     LoadResult,
     RouterProcess,
+    bench_args,
     closed_loop,
     error_text,
     print_table,
@@ -226,23 +224,9 @@ def report(results: Sequence[LoadResult], worker_flags: Sequence[str], seconds: 
             f"throughput at c={c}: {times(tput)} direct")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_router", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per step (default 5)")
-    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / MODEL_NAME,
-                   help="model base directory (default models/ctr)")
-    args = p.parse_args(argv)
-    if args.seconds <= 0:
-        p.error("--seconds must be > 0")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    model_dir = args.model_dir.resolve()
-    latest_version(model_dir)  # fails early without `make demo`
+    args = bench_args("python -m loadtest.bench_router", __doc__, argv)  # fails early without `make demo`
+    model_dir = args.model_dir
 
     progress("starting router (--workers 1 --no-batching) ...")
     router = RouterProcess(args=["--model-name", MODEL_NAME, "--model-base-path", str(model_dir),
@@ -264,10 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         progress(router.stop())
         if direct is not None:
-            died = not direct.alive()
-            code = direct.terminate()
-            progress(f"direct worker ended with exit code {code}; its log ends:\n{direct.log_tail(3000)}"
-                     if died or code != 0 else f"direct worker stopped (exit code {code})")
+            progress(direct.stop("direct worker"))
 
     headline = report(results, flags, args.seconds)
     print(headline)

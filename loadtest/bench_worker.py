@@ -38,11 +38,12 @@ from typing import Any
 
 from loadtest.common import (
     GRPC_OPTIONS,
-    ROOT,
     LoadResult,
     WorkerProcess,
+    bench_parser,
     closed_loop,
     error_text,
+    parse_bench_args,
     print_table,
     progress,
     run_async,
@@ -57,15 +58,6 @@ DISTINCT_INPUTS = 16  # requests cycle through this many different input sets
 WARMUP_WORKER_S = 1.0
 WARMUP_IN_PROCESS_S = 0.5
 STEPS = 2 * len(BATCHES)
-
-
-def latest_version(model_dir: Path) -> Path:
-    versions = [
-        int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()
-    ] if model_dir.is_dir() else []
-    if not versions:
-        raise SystemExit(f"no SavedModel versions under {model_dir}; run `make demo` first")
-    return model_dir / str(max(versions))
 
 
 def input_sets(batch: int) -> list[dict[str, Any]]:
@@ -191,15 +183,9 @@ def ratio(a: float, b: float) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per step (default 5)")
+    p = bench_parser("python -m loadtest.bench_worker", __doc__)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight against the worker (default 8)")
-    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / MODEL_NAME,
-                   help="model base directory (default models/ctr)")
-    args = p.parse_args(argv)
-    if args.seconds <= 0:
-        p.error("--seconds must be > 0")
+    args = parse_bench_args(p, argv)
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
     return args
@@ -207,10 +193,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Before this process imports TensorFlow.  (TF 2.21 still prints its few
-    # absl start-up lines to stderr whatever the level.)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    version_dir = latest_version(args.model_dir.resolve())
+    version_dir = args.version_dir
 
     progress(f"starting worker for {args.model_dir} ...")
     worker = start_worker({MODEL_NAME: args.model_dir})

@@ -6,7 +6,10 @@
   temporary YAML file, and/or quick flags) on free ports, ready once
   ``/readyz`` answers 200; its worker pids and parsed ``/metrics``.
 * ``ListeningProcess``: any ``python -m MODULE --port 0`` helper server that
-  prints ``listening on PORT`` (``loadtest.fixed_reply``, ``loadtest.inline_rest``).
+  prints ``listening on PORT`` (``loadtest.fixed_reply``, ``loadtest.inline_rest``);
+  ``serve_until_signalled`` is that print and the SIGTERM stop on the server side.
+* ``bench_args`` (or ``bench_parser`` + ``parse_bench_args``): the benchmarks'
+  ``--seconds`` and ``--model-dir``, checked, with ``latest_version``.
 * ``closed_loop`` (asyncio) and ``sync_loop`` (plain calls): closed-loop load
   generators that time every call and return a ``LoadResult`` (rate, rows/s,
   latency percentiles, errors, and the CPU time used by chosen processes
@@ -19,6 +22,7 @@ Nothing here imports TensorFlow, so router-side benchmarks can use it too.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -318,7 +322,51 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-# -- worker processes -----------------------------------------------------------
+# -- benchmark command lines ----------------------------------------------------
+
+
+def latest_version(model_dir: Path) -> Path:
+    """The highest numbered SavedModel version under ``model_dir``; SystemExit if there is none."""
+    versions = [
+        int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()
+    ] if model_dir.is_dir() else []
+    if not versions:
+        raise SystemExit(f"no SavedModel versions under {model_dir}; run `make demo` first")
+    return model_dir / str(max(versions))
+
+
+def bench_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags all of them take: ``--seconds`` and ``--model-dir``."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per step (default 5)")
+    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "ctr",
+                   help="model base directory (default models/ctr)")
+    return p
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a ``bench_parser`` command line and set up the run.
+
+    Checks ``--seconds``, quiets TF's C++ logs (before this process imports
+    TensorFlow; TF 2.21 still prints its few absl start-up lines to stderr
+    whatever the level), resolves ``.model_dir`` and sets ``.version_dir`` to
+    its latest version (SystemExit without ``make demo``).
+    """
+    args = parser.parse_args(argv)
+    if args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args.model_dir = args.model_dir.resolve()
+    args.version_dir = latest_version(args.model_dir)
+    return args
+
+
+def bench_args(prog: str, doc: str | None, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``--seconds`` and ``--model-dir`` parsed and checked (see ``parse_bench_args``)."""
+    return parse_bench_args(bench_parser(prog, doc), argv)
+
+
+# -- child and worker processes -----------------------------------------------------------
 
 
 def child_env(**overrides: str) -> dict[str, str]:
@@ -330,193 +378,11 @@ def child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """A ``python -m workers`` child process.
-
-    ``WorkerProcess(args)`` starts it with ``--listen`` (default
-    ``127.0.0.1:0``) plus ``args`` and returns once the worker printed its
-    address (``.address``, e.g. ``127.0.0.1:40123`` or ``unix:/path``);
-    ``wait_serving()`` then waits until grpc.health says SERVING.  Its stderr
-    goes to ``.log_path`` (``log_tail()`` for error messages; removed after
-    a clean exit unless ``log_dir`` was given).  Use as a
-    context manager, or call ``terminate()`` (SIGTERM, then SIGKILL after
-    ``timeout``) in a ``finally``.
-    """
-
-    def __init__(
-        self,
-        args: Sequence[str] = (),
-        *,
-        listen: str = "127.0.0.1:0",
-        log_dir: Path | str | None = None,
-        env: Mapping[str, str] | None = None,
-        start_timeout: float = 120.0,
-    ) -> None:
-        # A log in the temp directory is removed after a clean exit; one in
-        # a chosen ``log_dir``, or of a worker that failed, is kept.
-        self._remove_clean_log = log_dir is None
-        log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"tfs-worker-{os.getpid()}-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
-        self.args = ["--listen", listen, *args]
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", *self.args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=dict(env) if env is not None else child_env(),
-            cwd=ROOT,
-        )
-        self.pid = self.proc.pid
-        self._address: list[str] = []
-        self._bound = threading.Event()
-        # Reads the address, then keeps draining stdout so the child never blocks on it.
-        threading.Thread(target=self._read_stdout, name=f"worker-{self.pid}-stdout", daemon=True).start()
-        try:
-            self.address = self._wait_address(start_timeout)
-        except BaseException:
-            self.terminate(timeout=5)
-            raise
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").strip()
-            if not self._bound.is_set() and line.startswith(LISTEN_PREFIX):
-                self._address.append(line[len(LISTEN_PREFIX) :].strip())
-                self._bound.set()
-        self._bound.set()  # EOF: the child exited
-
-    def _wait_address(self, timeout: float) -> str:
-        if not self._bound.wait(timeout):
-            raise RuntimeError(f"worker did not bind within {timeout}s:\n{self.log_tail()}")
-        if not self._address:
-            self.proc.wait(5)
-            raise RuntimeError(f"worker exited with {self.proc.returncode} before binding:\n{self.log_tail()}")
-        return self._address[0]
-
-    def log_tail(self, chars: int = 5000) -> str:
-        """The end of the worker's stderr (works after ``terminate()`` too)."""
-        if not self._log.closed:
-            self._log.flush()
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""  # removed after a clean exit
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_serving(self, timeout: float = 120.0, service: str = "") -> float:
-        """Block until grpc.health reports SERVING; returns seconds since the process started."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        started = time.monotonic()
-        deadline = started + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if not self.alive():
-                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return time.monotonic() - self.started_at
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        raise RuntimeError(f"worker not SERVING after {timeout}s:\n{self.log_tail()}")
-
-    def terminate(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit code.  Idempotent."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-            if self._remove_clean_log and self.proc.returncode == 0:
-                self.log_path.unlink(missing_ok=True)
-        return self.proc.returncode
-
-    def __enter__(self) -> WorkerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.terminate()
-
-
-def start_worker(
-    models: Mapping[str, Path | str],
-    *extra_args: str,
-    listen: str = "127.0.0.1:0",
-    log_dir: Path | str | None = None,
-) -> WorkerProcess:
-    """Start a worker serving ``{name: base_path}`` with ``extra_args`` (e.g. ``--predict-threads 4``)."""
-    args: list[str] = []
-    for name, path in models.items():
-        args += ["--model", f"{name}={Path(path).resolve()}"]
-    return WorkerProcess([*args, *extra_args], listen=listen, log_dir=log_dir)
-
-
-# -- other child processes ------------------------------------------------------
-
-
-def ratio(a: float, b: float) -> float:
-    """``a / b``, NaN when ``b`` is not positive or either is NaN."""
-    return a / b if b > 0 else float("nan")
-
-
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """``(status, body)`` of a GET, HTTP errors included, never through a proxy."""
-    import urllib.error
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def process_cmdline(pid: int) -> list[str]:
-    """The argv of process ``pid`` (empty if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def child_pids(pid: int) -> list[int]:
-    """Live direct children of process ``pid``, sorted."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] != b"Z" and int(fields[1]) == pid:  # state, ppid
-            found.append(int(entry))
-    return sorted(found)
-
-
 class _ChildProcess:
     """A ``python ...`` child: stderr to a log file, stdout lines collected, SIGTERM to stop.
 
     Subclasses wait in ``__init__`` for the lines that say where the child
-    listens (``_wait_line``).  A log in the temp directory is removed after a
+    listens (``_wait_up``).  A log in the temp directory is removed after a
     clean exit; one in a chosen ``log_dir``, or of a child that failed, is kept.
     """
 
@@ -586,6 +452,14 @@ class _ChildProcess:
             pass
         raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} before it was up:\n{self.log_tail()}")
 
+    def _wait_up(self, predicate: Callable[[str], T | None], timeout: float, stop_timeout: float = 5.0) -> T:
+        """``_wait_line``; if it fails, ``terminate(stop_timeout)`` the child before raising."""
+        try:
+            return self._wait_line(predicate, timeout)
+        except BaseException:
+            self.terminate(timeout=stop_timeout)
+            raise
+
     def log_tail(self, chars: int = 5000) -> str:
         """The end of the child's stderr (works after ``terminate()`` too)."""
         if not self._log.closed:
@@ -613,19 +487,140 @@ class _ChildProcess:
                 self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
-    def stop(self) -> str:
-        """``terminate()`` and a one-line account of how it ended (with the log's end if it died)."""
+    def stop(self, name: str | None = None) -> str:
+        """``terminate()`` and a one-line account of how it ended (with the log's end if it died).
+
+        ``name`` is how the account calls the child (default ``KIND pid PID``).
+        """
+        name = name or f"{self.kind} pid {self.pid}"
         died = not self.alive()
         code = self.terminate()
         if died or code != 0:
-            return f"{self.kind} pid {self.pid} ended with exit code {code}; its log ends:\n{self.log_tail(3000)}"
-        return f"{self.kind} pid {self.pid} stopped (exit code {code})"
+            return f"{name} ended with exit code {code}; its log ends:\n{self.log_tail(3000)}"
+        return f"{name} stopped (exit code {code})"
 
     def __enter__(self: T) -> T:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.terminate()
+
+
+class WorkerProcess(_ChildProcess):
+    """A ``python -m workers`` child process.
+
+    ``WorkerProcess(args)`` starts it with ``--listen`` (default
+    ``127.0.0.1:0``) plus ``args`` and returns once the worker printed its
+    address (``.address``, e.g. ``127.0.0.1:40123`` or ``unix:/path``);
+    ``wait_serving()`` then waits until grpc.health says SERVING.  Its stderr
+    goes to ``.log_path`` (``log_tail()`` for error messages; removed after
+    a clean exit unless ``log_dir`` was given).  Use as a
+    context manager, or call ``terminate()`` (SIGTERM, then SIGKILL after
+    ``timeout``) in a ``finally``.
+    """
+
+    kind = "worker"
+
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        listen: str = "127.0.0.1:0",
+        log_dir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.args = ["--listen", listen, *args]
+        super().__init__([sys.executable, "-m", "workers", *self.args], log_dir=log_dir, env=env)
+        self.address = self._wait_up(self._address_of, start_timeout)
+
+    @staticmethod
+    def _address_of(line: str) -> str | None:
+        line = line.strip()
+        if line.startswith(LISTEN_PREFIX):
+            return line[len(LISTEN_PREFIX) :].strip()
+        return None
+
+    def wait_serving(self, timeout: float = 120.0, service: str = "") -> float:
+        """Block until grpc.health reports SERVING; returns seconds since the process started."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        started = time.monotonic()
+        deadline = started + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.monotonic() - self.started_at
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"worker not SERVING after {timeout}s:\n{self.log_tail()}")
+
+
+def start_worker(
+    models: Mapping[str, Path | str],
+    *extra_args: str,
+    listen: str = "127.0.0.1:0",
+    log_dir: Path | str | None = None,
+) -> WorkerProcess:
+    """Start a worker serving ``{name: base_path}`` with ``extra_args`` (e.g. ``--predict-threads 4``)."""
+    args: list[str] = []
+    for name, path in models.items():
+        args += ["--model", f"{name}={Path(path).resolve()}"]
+    return WorkerProcess([*args, *extra_args], listen=listen, log_dir=log_dir)
+
+
+# -- other child processes ------------------------------------------------------
+
+
+def ratio(a: float, b: float) -> float:
+    """``a / b``, NaN when ``b`` is not positive or either is NaN."""
+    return a / b if b > 0 else float("nan")
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """``(status, body)`` of a GET, HTTP errors included, never through a proxy."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """The argv of process ``pid`` (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live direct children of process ``pid``, sorted."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z" and int(fields[1]) == pid:  # state, ppid
+            found.append(int(entry))
+    return sorted(found)
 
 
 class ListeningProcess(_ChildProcess):
@@ -648,11 +643,7 @@ class ListeningProcess(_ChildProcess):
     ) -> None:
         self.kind = module.rsplit(".", 1)[-1]
         super().__init__([sys.executable, "-m", module, "--port", "0", *args], log_dir=log_dir, env=env)
-        try:
-            self.port = self._wait_line(self._port_of, start_timeout)
-        except BaseException:
-            self.terminate(timeout=5)
-            raise
+        self.port = self._wait_up(self._port_of, start_timeout)
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -660,6 +651,23 @@ class ListeningProcess(_ChildProcess):
         if line.startswith(self.PREFIX):
             return int(line[len(self.PREFIX) :].strip().rsplit(":", 1)[-1])
         return None
+
+
+async def serve_until_signalled(port: int | str, stop_server: Callable[[], Awaitable[Any]]) -> None:
+    """The end of a ``ListeningProcess`` helper's start-up: say where it listens, run until stopped.
+
+    Prints ``listening on PORT``, waits for SIGTERM or SIGINT, then awaits
+    ``stop_server()``.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"{ListeningProcess.PREFIX}{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await stop_server()
 
 
 class RouterProcess(_ChildProcess):
@@ -712,12 +720,8 @@ class RouterProcess(_ChildProcess):
         except BaseException:
             self._remove_config()
             raise
-        try:
-            self.grpc_port = self._wait_line(self._grpc_port_of, start_timeout)
-            self.rest_port = self._wait_line(self._rest_port_of, 5.0)
-        except BaseException:
-            self.terminate(timeout=10)
-            raise
+        self.grpc_port = self._wait_up(self._grpc_port_of, start_timeout, stop_timeout=10)
+        self.rest_port = self._wait_up(self._rest_port_of, 5.0, stop_timeout=10)
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.rest_url = f"http://127.0.0.1:{self.rest_port}"
 

@@ -16,21 +16,16 @@ TensorFlow import: the reply is built with the project's own protos.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import struct
 import sys
 from collections.abc import Sequence
 
 import grpc
 
+from loadtest.common import GRPC_OPTIONS, run_async, serve_until_signalled
 from protos import predict_pb2, types_pb2
 
 SERVICE = "tensorflow.serving.PredictionService"
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    ("grpc.max_send_message_length", 2**31 - 1),
-]
 
 
 def fixed_response(rows: int, model: str = "ctr", version: int = 2) -> bytes:
@@ -57,15 +52,7 @@ async def serve(host: str, port: int, reply: bytes) -> None:
     )
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening on {bound}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop(grace=1)
+    await serve_until_signalled(bound, lambda: server.stop(grace=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,13 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rows < 1:
         p.error("--rows must be >= 1")
-    reply = fixed_response(args.rows)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.host, args.port, reply))
-    else:
-        uvloop.run(serve(args.host, args.port, reply))
+    run_async(serve(args.host, args.port, fixed_response(args.rows)))
     return 0
 
 

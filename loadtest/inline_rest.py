@@ -15,9 +15,7 @@ worker processes.  Prints ``listening on PORT`` once bound; SIGTERM stops it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,15 +27,10 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from loadtest.common import latest_version, run_async, serve_until_signalled  # noqa: E402
+
 SIGNATURE = "serving_default"
 JSON = "application/json"
-
-
-def latest_version(model_dir: Path) -> Path:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()]
-    if not versions:
-        raise SystemExit(f"no SavedModel versions under {model_dir}; run `make demo` first")
-    return model_dir / str(max(versions))
 
 
 class InlineModel:
@@ -93,16 +86,7 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     await site.start()
     server = site._server  # noqa: SLF001 - the bound port is only known here
     assert server is not None and server.sockets
-    bound = server.sockets[0].getsockname()[1]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening on {bound}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_signalled(server.sockets[0].getsockname()[1], runner.cleanup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,13 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-name", default="ctr", help="name in the URL (default ctr)")
     args = p.parse_args(argv)
     model = InlineModel(latest_version(args.model_dir.resolve()))
-    app = make_app(model, args.model_name)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(app, args.host, args.port))
-    else:
-        uvloop.run(serve(app, args.host, args.port))
+    run_async(serve(make_app(model, args.model_name), args.host, args.port))
     return 0
 
 

@@ -27,23 +27,58 @@ def child_env() -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
+class _ChildProcess:
+    """A child process with its stderr in ``log_path`` and a gRPC ``channel`` to it.
+
+    Subclasses ``_start`` it, then ``_connect`` once they know its address.
+    """
+
+    log_chars = 5000  # how much of the log's end ``log()`` returns
+    _reader: threading.Thread | None = None  # drains stdout until EOF, if set
+
+    def _start(self, argv: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, env=child_env(), cwd=ROOT)
+
+    def _connect(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 2**31 - 1)])
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-self.log_chars :]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.channel.close()
+        self._log.close()
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self._reader is None and self.proc.stdout:  # a reader closes nothing under itself
+            self.proc.stdout.close()
+
+
+class WorkerProcess(_ChildProcess):
     """``python -m workers`` on a free TCP port, with its stderr kept for failures."""
 
     def __init__(self, *args: str, log_dir: Path) -> None:
-        self.log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=child_env(),
-            cwd=ROOT,
-        )
+        self._start([sys.executable, "-m", "workers", "--listen", "127.0.0.1:0", *args],
+                    log_dir / f"worker-{time.monotonic_ns()}.log")
         self.address = self._read_address()
-        self.channel = grpc.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", 2**31 - 1)]
-        )
+        self._connect(self.address)
 
     def _read_address(self, timeout: float = 120.0) -> str:
         assert self.proc.stdout is not None
@@ -64,10 +99,6 @@ class WorkerProcess:
             self.kill()
             raise RuntimeError(f"worker did not start:\n{self.log()}")
         return found[0]
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-5000:]
 
     def wait_serving(self, timeout: float = 120.0) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -90,26 +121,6 @@ class WorkerProcess:
         call = self.channel.unary_unary("/tfsrouter.Worker/Stats")
         result: dict[str, Any] = orjson.loads(call(b"", timeout=10))
         return result
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.channel.close()
-        self._log.close()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 def predict_request(model: str, inputs: Mapping[str, np.ndarray], **spec: Any) -> Any:
@@ -137,8 +148,39 @@ def outputs_of(response: Any) -> dict[str, np.ndarray]:
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
 
-class RouterProcess:
+def fill_typed(proto: Any, values: np.ndarray) -> None:
+    """Fill the typed ``*_val`` field of a TensorProto (ours or TF's) with the flat ``values``, as TF clients do."""
+    kind = values.dtype
+    if kind == object:
+        proto.string_val.extend(values.tolist())
+    elif kind == np.float16:
+        proto.half_val.extend(values.view(np.uint16).astype(np.int32).tolist())
+    elif kind == np.float32:
+        proto.float_val.extend(values.tolist())
+    elif kind == np.float64:
+        proto.double_val.extend(values.tolist())
+    elif kind in (np.int8, np.int16, np.int32, np.uint8, np.uint16):
+        proto.int_val.extend(values.astype(np.int64).tolist())
+    elif kind == np.int64:
+        proto.int64_val.extend(values.tolist())
+    elif kind == np.uint32:
+        proto.uint32_val.extend(values.tolist())
+    elif kind == np.uint64:
+        proto.uint64_val.extend(values.tolist())
+    elif kind == np.bool_:
+        proto.bool_val.extend(values.tolist())
+    elif kind == np.complex64:
+        proto.scomplex_val.extend(values.view(np.float32).tolist())
+    elif kind == np.complex128:
+        proto.dcomplex_val.extend(values.view(np.float64).tolist())
+    else:  # pragma: no cover - the tests' strategies only draw the kinds above
+        raise AssertionError(kind)
+
+
+class RouterProcess(_ChildProcess):
     """``python -m router serve`` on free ports, with a config written from ``config``."""
+
+    log_chars = 8000
 
     def __init__(self, config: dict[str, Any], *, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         import yaml
@@ -147,22 +189,13 @@ class RouterProcess:
         config = {"grpc": {"port": 0}, "rest": {"port": 0}, **config}
         self.config_path = log_dir / f"router-{stamp}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = log_dir / f"router-{stamp}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=child_env(),
-            cwd=ROOT,
-        )
+        self._start([sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],
+                    log_dir / f"router-{stamp}.log")
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.grpc_port, self.rest_port = self._ports()
-        self.channel = grpc.insecure_channel(
-            f"127.0.0.1:{self.grpc_port}", options=[("grpc.max_receive_message_length", 2**31 - 1)]
-        )
+        self._connect(f"127.0.0.1:{self.grpc_port}")
         self.url = f"http://127.0.0.1:{self.rest_port}"
 
     def _read(self) -> None:
@@ -186,10 +219,6 @@ class RouterProcess:
             self.kill()
             raise RuntimeError(f"router did not start:\n{self.log()}")
         return grpc_port, rest_port
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-8000:]
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
         import urllib.error
@@ -241,20 +270,4 @@ class RouterProcess:
         return sorted(pids)
 
     def terminate(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.channel.close()
-        self._log.close()
-        self._reader.join(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        return super().terminate(timeout)

@@ -33,6 +33,7 @@ from protos import (
     tensor_pb2,
 )
 from router.wire import tensor as codec
+from tests.support import fill_typed
 
 # numpy dtypes the codec handles, as hypothesis generates them.
 NUMERIC = [
@@ -93,35 +94,9 @@ def test_typed_fields_decode_like_tensorflow(dtype: Any, shape: tuple[int, ...],
         official = tf.make_tensor_proto(0).__class__()
         official.dtype = tf.as_dtype(np.dtype(dtype)).as_datatype_enum
         official.tensor_shape.CopyFrom(tf.TensorShape(shape).as_proto())
-        _fill_typed(official, values)
+        fill_typed(official, values)
         expected = tf.make_ndarray(official)
         assert same(codec.to_numpy(roundtrip(official, tensor_pb2.TensorProto)), expected)
-
-
-def _fill_typed(proto: Any, values: np.ndarray) -> None:
-    kind = values.dtype
-    if kind == np.float16:
-        proto.half_val.extend(values.view(np.uint16).astype(np.int32).tolist())
-    elif kind == np.float32:
-        proto.float_val.extend(values.tolist())
-    elif kind == np.float64:
-        proto.double_val.extend(values.tolist())
-    elif kind in (np.int8, np.int16, np.int32, np.uint8, np.uint16):
-        proto.int_val.extend(values.astype(np.int64).tolist())
-    elif kind == np.int64:
-        proto.int64_val.extend(values.tolist())
-    elif kind == np.uint32:
-        proto.uint32_val.extend(values.tolist())
-    elif kind == np.uint64:
-        proto.uint64_val.extend(values.tolist())
-    elif kind == np.bool_:
-        proto.bool_val.extend(values.tolist())
-    elif kind == np.complex64:
-        proto.scomplex_val.extend(values.view(np.float32).tolist())
-    elif kind == np.complex128:
-        proto.dcomplex_val.extend(values.view(np.float64).tolist())
-    else:  # pragma: no cover - the strategy only draws the kinds above
-        raise AssertionError(kind)
 
 
 def official_predict_request() -> predict_pb2.PredictRequest:

@@ -19,6 +19,7 @@ from protos import tensor_pb2, types_pb2
 from router.errors import Internal, InvalidArgument, ServingError
 from router.wire.concat import batch_rows, concat, pad_to, split
 from router.wire.tensor import DT_FLOAT, DT_STRING, dtype_of_array, from_numpy, shape_of, to_numpy
+from tests.support import fill_typed
 
 TensorProto = tensor_pb2.TensorProto
 
@@ -36,39 +37,12 @@ def enum_of(kind: Any) -> int:
     return DT_STRING if kind == "string" else dtype_of_array(np.empty(0, dtype=kind))
 
 
-def _fill_typed(proto: TensorProto, values: np.ndarray) -> None:
-    """Fill the typed ``*_val`` field of ``proto`` with the flat ``values``, as TF clients do."""
-    kind = values.dtype
-    if kind == object:
-        proto.string_val.extend(values.tolist())
-    elif kind == np.float16:
-        proto.half_val.extend(values.view(np.uint16).astype(np.int32).tolist())
-    elif kind == np.float32:
-        proto.float_val.extend(values.tolist())
-    elif kind == np.float64:
-        proto.double_val.extend(values.tolist())
-    elif kind in (np.int8, np.int16, np.int32, np.uint8, np.uint16):
-        proto.int_val.extend(values.astype(np.int64).tolist())
-    elif kind == np.int64:
-        proto.int64_val.extend(values.tolist())
-    elif kind == np.uint32:
-        proto.uint32_val.extend(values.tolist())
-    elif kind == np.uint64:
-        proto.uint64_val.extend(values.tolist())
-    elif kind == np.bool_:
-        proto.bool_val.extend(values.tolist())
-    elif kind == np.complex64:
-        proto.scomplex_val.extend(values.view(np.float32).tolist())
-    else:  # pragma: no cover - the strategies only draw the kinds above
-        raise AssertionError(kind)
-
-
 def typed(values: np.ndarray, dtype: int, shape: tuple[int, ...] | None = None) -> TensorProto:
     """A TensorProto with ``values`` in its typed field (no tensor_content) and ``shape``."""
     out = TensorProto(dtype=dtype)
     for d in values.shape if shape is None else shape:
         out.tensor_shape.dim.add(size=d)
-    _fill_typed(out, np.ascontiguousarray(values).reshape(-1))
+    fill_typed(out, np.ascontiguousarray(values).reshape(-1))
     return out
 
 
