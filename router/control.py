@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from protos import config_pb2, metadata_pb2, model_pb2, status_pb2
 from router.config import Config, ModelConfig
@@ -260,7 +259,3 @@ class Control:
             except Exception:  # the poller must survive anything a filesystem does
                 log.exception("version scan failed")
 
-
-def base_paths_exist(config: Config) -> list[str]:
-    """Base paths that do not exist (for a clear start-up message)."""
-    return [m.base_path for m in config.models if not Path(m.base_path).is_dir()]

@@ -273,7 +273,6 @@ class Metrics:
         self._shed_children: dict[tuple[str, str], Counter] = {}
         self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Counter]] = {}
         self._batches_children: dict[tuple[str, str], Counter] = {}
-        self._depth_children: dict[str, Gauge] = {}
 
     # -- requests -------------------------------------------------------------
 
@@ -414,12 +413,6 @@ class Metrics:
             padding.inc(padding_rows)
         for wait in queue_waits:
             queue_wait.observe(wait)
-
-    def set_queue_depth(self, model: str, rows: int) -> None:
-        child = self._depth_children.get(model)
-        if child is None:
-            child = self._depth_children[model] = self._queue_depth.labels(model)
-        child.set(rows)
 
     # -- exposition -----------------------------------------------------------
 

@@ -192,7 +192,7 @@ def test_retries_and_shedding(metrics: Metrics) -> None:
 def test_batch_series(metrics: Metrics) -> None:
     metrics.observe_batch("ctr", 6, 2, 2, "full", [0.0004, 0.003])
     metrics.observe_batch("ctr", 1, 1, 0, "timeout", [0.01])
-    metrics.set_queue_depth("ctr", 17)
+    metrics.track_queue_depth("ctr", lambda: 17)
     assert value(metrics, "tfs_router_batch_size_rows_bucket", model="ctr", le="4.0") == 1.0
     assert value(metrics, "tfs_router_batch_size_rows_bucket", model="ctr", le="8.0") == 2.0
     assert value(metrics, "tfs_router_batch_size_rows_sum", model="ctr") == 7.0
