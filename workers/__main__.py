@@ -68,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
                    help="for --model: latest[:N] (default latest:1), all, specific:V[,V...]")
     p.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig)")
     p.add_argument("--cpus", help="pin to this CPU list (e.g. 0-3,8) before TF starts")
+    p.add_argument("--mem-node", type=int, default=-1,
+                   help="bind memory allocations to this NUMA node (like numactl --membind)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="TF intra-op threads (0: TF default)")
     p.add_argument("--inter-op-threads", type=int, default=0, help="TF inter-op threads (0: TF default)")
     p.add_argument("--predict-threads", type=int, default=0,
@@ -105,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         # Before TensorFlow is imported: affinity is inherited only by threads
         # created afterwards.
         numa.pin_current_process(numa.parse_cpulist(args.cpus))
+    if args.mem_node >= 0:
+        try:
+            numa.bind_memory(args.mem_node)
+        except OSError as exc:
+            # Serving still works, only without the memory policy: say so loudly.
+            logging.getLogger("workers").warning("memory NOT bound to node %d: %s", args.mem_node, exc)
     config = build_config(args)
 
     from workers import runtime, server  # imports TensorFlow

@@ -411,6 +411,34 @@ def pin_current_process(cpus: Sequence[int]) -> None:
     os.sched_setaffinity(0, cpu_set)
 
 
+_MPOL_BIND = 2
+_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}  # syscall numbers
+
+
+def bind_memory(node: int) -> None:
+    """Bind this process's future allocations to ``node`` (what ``numactl --membind`` does).
+
+    Uses the set_mempolicy system call directly, so no numactl/libnuma is
+    needed.  Threads inherit the policy of the thread that creates them:
+    call before TensorFlow starts its threads.  Raises OSError when the
+    kernel refuses (no NUMA support, a node without memory, a container
+    without CAP_SYS_NICE).
+    """
+    import ctypes
+    import platform
+
+    number = _SET_MEMPOLICY.get(platform.machine())
+    if number is None:
+        raise OSError(f"set_mempolicy: unsupported architecture {platform.machine()}")
+    if not 0 <= node < 64:
+        raise ValueError(f"node {node} out of range")
+    libc = ctypes.CDLL(None, use_errno=True)
+    mask = ctypes.c_ulong(1 << node)
+    if libc.syscall(number, _MPOL_BIND, ctypes.byref(mask), 64) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"set_mempolicy(MPOL_BIND, node {node}): {os.strerror(err)}")
+
+
 def affinity_of(pid: int) -> tuple[int, ...]:
     """The sorted CPU ids ``pid`` may run on (0 means the calling process)."""
     return tuple(sorted(os.sched_getaffinity(pid)))

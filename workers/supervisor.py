@@ -150,7 +150,8 @@ def worker_specs(
             cpus = placement.cpus
             prefix = numa_lib.launch_prefix(placement, use_numactl)
             if not prefix:
-                pin = ["--cpus", numa_lib.format_cpulist(cpus)]
+                # No numactl: the worker pins its CPUs and binds its memory itself.
+                pin = ["--cpus", numa_lib.format_cpulist(cpus), "--mem-node", str(placement.node)]
             intra = intra_op_threads if intra_op_threads > 0 else placement.intra_op_threads
             inter = inter_op_threads if inter_op_threads > 0 else placement.inter_op_threads
         argv = [

@@ -46,6 +46,12 @@ def test_worker_affinity_is_what_the_config_asked(router: RouterProcess) -> None
     assert len(pids) == 2
     got = sorted(tuple(sorted(os.sched_getaffinity(pid))) for pid in pids)
     assert got == sorted(p.cpus for p in plan)
+    for pid in pids:  # memory bound to the worker's node (no numactl here: the worker did it)
+        lines = Path(f"/proc/{pid}/numa_maps").read_text().splitlines()
+        heap = [line.split()[1] for line in lines if line.endswith("heap") or " heap " in line]
+        assert heap == ["bind:0"], heap
+        bound = sum(line.split()[1] == "bind:0" for line in lines)
+        assert bound > len(lines) // 2, f"{bound} of {len(lines)} mappings bound"
 
 
 def test_kill_9_under_load_fails_no_request(router: RouterProcess) -> None:

@@ -92,6 +92,7 @@ def test_worker_specs_numa_without_numactl_pins_with_cpus_flag(
         assert socket_path(s.address) == path
         assert s.argv[:6] == ("/usr/bin/python3", "-m", "workers", "--listen", s.address, "--cpus")
         assert _flag(s.argv, "--cpus") == numa.format_cpulist(s.cpus)
+        assert _flag(s.argv, "--mem-node") == ("0" if i < 2 else "1")  # the node its CPUs are on
         assert _flag(s.argv, "--intra-op-threads") == "2"  # from the placement: its CPU count
         assert _flag(s.argv, "--inter-op-threads") == "1"
         assert _flag(s.argv, "--predict-threads") == "3"
