@@ -9,7 +9,7 @@ DEMO_DIR ?= models/ctr
 DEMO_STAMP := $(DEMO_DIR)/.built-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo run test protos bench-worker bench-router bench-batching clean
+.PHONY: install demo run test protos bench-worker bench-router bench-batching loadtest clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-router: install demo
 
 bench-batching: install demo
 	$(PY) -m loadtest.bench_batching
+
+# Locust against a router already running (make run) on the default ports.
+LOCUST_ARGS ?= --headless -u 64 -r 16 -t 60s
+loadtest: install
+	$(PY) -m locust -f loadtest/locustfile.py --host http://localhost:8501 $(LOCUST_ARGS)
 
 clean:
 	rm -rf $(VENV) models build *.egg-info
