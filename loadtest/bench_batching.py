@@ -41,7 +41,6 @@ import asyncio
 import itertools
 import os
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

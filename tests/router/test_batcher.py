@@ -606,7 +606,7 @@ def test_a_retried_batch_is_padded_to_an_allowed_size() -> None:
         h = harness(n_backends=2, dead=(0,), max_batch_size=8, allowed_batch_sizes=(4, 8))
         dead, alive = h.backends
         h.fakes[0].gate = asyncio.Event()
-        held = h.hold_all()
+        h.hold_all()
         gone, x = h.x(1), h.x(2)
         leaving = asyncio.create_task(h.submit(gone))
         staying = asyncio.create_task(h.submit(x))
