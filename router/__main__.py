@@ -19,6 +19,7 @@ from typing import Any
 
 from router import config as cfgmod
 from router import log as rlog
+from router.errors import BindError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -105,7 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     prometheus_client.disable_created_metrics()
     import uvloop
 
-    raise SystemExit(uvloop.run(serve(cfg)))
+    try:
+        code = uvloop.run(serve(cfg))
+    except BindError as exc:
+        print(f"tfs-router: {exc}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,10 @@ class Internal(ServingError):
     code = grpc.StatusCode.INTERNAL
 
 
+class BindError(Exception):
+    """A frontend could not listen on its address (start-up, not a request error)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ServingError]] = {
     cls.code: cls
     for cls in (

@@ -21,7 +21,7 @@ from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from router import log as rlog
 from router.config import Config
 from router.dataplane import DataPlane
-from router.errors import Internal, ServingError, Unimplemented
+from router.errors import BindError, ServingError, Unimplemented
 from router.metrics import Metrics
 
 logger = logging.getLogger("router.grpc")
@@ -149,9 +149,11 @@ class GrpcFrontend:
         )
         server.add_generic_rpc_handlers(self.handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise Internal(f"cannot bind gRPC port {cfg.host}:{cfg.port}")
+        try:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as exc:
+            raise BindError(f"cannot listen for gRPC on {cfg.host}:{cfg.port} (in use?); "
+                            "choose another with --grpc-port or grpc.port") from exc
         await self.set_serving(False)
         await server.start()
         self.server = server

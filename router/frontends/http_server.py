@@ -27,7 +27,7 @@ from router import log as rlog
 from router.config import Config
 from router.control import Control
 from router.dataplane import DataPlane
-from router.errors import InvalidArgument, NotFound, ServingError, Unimplemented
+from router.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
 from router.wire import rest_json
 from router.wire.signature import find_signature
@@ -191,7 +191,11 @@ class RestFrontend:
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.host, cfg.port, reuse_port=False)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise BindError(f"cannot listen for REST on {cfg.host}:{cfg.port} ({exc.strerror}); "
+                            "choose another with --rest-port or rest.port") from exc
         server = site._server  # aiohttp exposes bound sockets only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
