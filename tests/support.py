@@ -271,3 +271,38 @@ class RouterProcess(_ChildProcess):
 
     def terminate(self, timeout: float = 60.0) -> int:
         return super().terminate(timeout)
+
+
+class SteadyLoad:
+    """Threads calling Predict back to back until the block ends: the versions that
+    answered, in order, and every failure, for "no request failed while ..." tests."""
+
+    def __init__(self, channel: grpc.Channel, request: Any, clients: int = 1) -> None:
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        self._request = request
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+        self.served: list[int] = []
+        self.failures: list[str] = []
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.served.append(self._stub.Predict(self._request, timeout=30).model_spec.version.value)
+            except grpc.RpcError as exc:
+                self.failures.append(f"{exc.code()}: {exc.details()}")
+
+    def wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.support import TEST_VOCAB, RouterProcess, predict_request
+from tests.support import TEST_VOCAB, RouterProcess, SteadyLoad, predict_request
 from workers import numa
 from workers.demo_model import example_inputs
 
@@ -55,25 +52,9 @@ def test_worker_affinity_is_what_the_config_asked(router: RouterProcess) -> None
 
 
 def test_kill_9_under_load_fails_no_request(router: RouterProcess) -> None:
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(router.channel)
     request = predict_request("ctr", example_inputs(4, vocab=TEST_VOCAB))
-    failures: list[str] = []
-    done = [0]
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            try:
-                stub.Predict(request, timeout=30)
-                done[0] += 1
-            except grpc.RpcError as exc:
-                failures.append(f"{exc.code()}: {exc.details()}")
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(1.0)
+    with SteadyLoad(router.channel, request, clients=4) as load:
+        load.wait(1.0)
         before = router.worker_pids()
         os.kill(before[0], signal.SIGKILL)
         # Load keeps flowing while the worker is restarted and re-synced.
@@ -82,16 +63,12 @@ def test_kill_9_under_load_fails_no_request(router: RouterProcess) -> None:
             pids = router.worker_pids()
             if len(pids) == 2 and before[0] not in pids and set(worker_states(router).values()) == {"ready"}:
                 break
-            time.sleep(0.2)
-        served_after_restart = done[0]
-        time.sleep(1.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert not failures, failures[:5]
+            load.wait(0.2)
+        served_after_restart = len(load.served)
+        load.wait(1.0)
+    assert not load.failures, load.failures[:5]
     assert set(worker_states(router).values()) == {"ready"}, worker_states(router)
     assert before[0] not in router.worker_pids()
-    assert done[0] > served_after_restart
+    assert len(load.served) > served_after_restart
     _, body, _ = router.get("/metrics")
     assert 'tfs_router_worker_restarts_total{worker="w' in body.decode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tests.support import TEST_VOCAB, WorkerProcess, predict_request
+from tests.support import TEST_VOCAB, SteadyLoad, WorkerProcess, predict_request
 from workers.demo_model import example_inputs
 
 State = get_model_status_pb2.ModelVersionStatus
@@ -42,31 +41,14 @@ def test_reload_moves_versions_while_predicting(model_root: Path, logs_dir: Path
     worker = WorkerProcess("--model", f"ctr={base}", "--version-policy", "specific:1", log_dir=logs_dir)
     try:
         worker.wait_serving()
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(worker.channel)
         models = model_service_pb2_grpc.ModelServiceStub(worker.channel)
         request = predict_request("ctr", example_inputs(4, vocab=TEST_VOCAB))
-        failures: list[str] = []
-        served: list[int] = []
-        stop = threading.Event()
-
-        def client() -> None:
-            while not stop.is_set():
-                try:
-                    served.append(stub.Predict(request, timeout=30).model_spec.version.value)
-                except grpc.RpcError as exc:
-                    failures.append(f"{exc.code()}: {exc.details()}")
-
-        thread = threading.Thread(target=client)
-        thread.start()
-        try:
+        with SteadyLoad(worker.channel, request) as load:
             for versions in ([1, 2], [2]):
                 resp = models.HandleReloadConfigRequest(reload_request(base, versions), timeout=120)
                 assert resp.status.error_code == 0, resp.status.error_message
-        finally:
-            stop.set()
-            thread.join(60)
-        assert not failures, failures[:5]
-        assert served[0] == 1 and served[-1] == 2 and len(served) > 10
+        assert not load.failures, load.failures[:5]
+        assert load.served[0] == 1 and load.served[-1] == 2 and len(load.served) > 10
         status = statuses(worker.channel)
         assert status[1].state == State.END and status[1].status.error_code == 0
         assert status[2].state == State.AVAILABLE
