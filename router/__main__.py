@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from typing import Any
@@ -81,6 +82,13 @@ async def serve(cfg: cfgmod.Config) -> int:
         waiter = asyncio.ensure_future(app.wait_ready(cfg.workers.startup_timeout_s))
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        # Everything start-up built (modules, config, protobuf descriptors,
+        # metric families) lives as long as the process: take it out of the
+        # collector's reach, so a full collection under load scans only what
+        # requests allocate (a full pass over it all stalled the loop for
+        # 12-19 ms, every few seconds, at 2k req/s).
+        gc.collect()
+        gc.freeze()
         if waiter.done() and waiter.result():
             print("tfs-router ready", flush=True)
         elif waiter.done():

@@ -34,7 +34,7 @@ from router.config import BatchingConfig
 from router.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServingError
 from router.metrics import Metrics
 from router.pool import Backend, Pool, Transport, TransportError
-from router.wire.concat import concat, pad_to, split_into
+from router.wire.concat import concat_into, pad_to, split_into
 
 log = logging.getLogger("router.batcher")
 
@@ -51,6 +51,14 @@ class BatchKey:
     signature: str
     inputs: tuple[tuple[str, int, tuple[int, ...]], ...]  # (name, dtype, dims after the first)
     outputs: tuple[str, ...]
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Looked up several times per request: hash the nested tuples once.
+        object.__setattr__(self, "_hash", hash((self.model, self.version, self.signature, self.inputs, self.outputs)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(eq=False)
@@ -279,8 +287,10 @@ class Batcher:
         request = predict_pb2.PredictRequest()
         request.model_spec.CopyFrom(first.model_spec)
         request.output_filter.extend(first.output_filter)
-        for name, _, _ in key.inputs:
-            request.inputs[name].CopyFrom(concat([item.request.inputs[name] for item in batch], pad_rows))
+        rows = [item.rows for item in batch]
+        inputs = request.inputs
+        for name, dtype, inner in key.inputs:
+            concat_into(inputs[name], [item.request.inputs[name] for item in batch], rows, dtype, inner, pad_rows)
         return request
 
     def _deliver(self, batch: list[Pending], response: predict_pb2.PredictResponse) -> None:

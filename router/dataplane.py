@@ -53,17 +53,19 @@ class DataPlane:
     async def predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         version, sig = self.signature(spec)
-        names, outputs, shapes = sig.validate_shapes(request.inputs, request.output_filter)
+        inputs = request.inputs
+        plan = sig.plan(inputs, request.output_filter)
         spec.version.value = version  # explicit from here on (clears a label)
         spec.signature_name = sig.name
         settings = self.control.model(spec.name).batching
         if self.batcher is not None and settings.enabled and sig.batchable:
-            rows = batch_rows(names, shapes)
+            rows = batch_rows(plan.names, plan.shapes)
             if 0 < rows <= settings.max_batch_size:
-                inputs = request.inputs
-                key = BatchKey(spec.name, version, sig.name, tuple(
-                    [(n, inputs[n].dtype, shape[1:]) for n, shape in zip(names, shapes)]
-                ), outputs)
+                key = plan.extra.get((spec.name, version))
+                if key is None:
+                    key = plan.extra[(spec.name, version)] = BatchKey(spec.name, version, sig.name, tuple(
+                        [(n, inputs[n].dtype, shape[1:]) for n, shape in zip(plan.names, plan.shapes)]
+                    ), plan.outputs)
                 return await self.batcher.submit(key, settings, request, rows, deadline)
 
         async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from router.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
-from router.wire.tensor import from_numpy, to_numpy
+from router.wire.tensor import fill, to_numpy
 from workers.manager import ModelManager
 
 log = logging.getLogger("workers.server")
@@ -88,7 +88,8 @@ class WorkerServices:
             loaded = slot.loaded
             assert loaded is not None
             sig = loaded.signature(spec.signature_name)
-            names, outputs = sig.validate(request.inputs, request.output_filter)
+            plan = sig.plan(request.inputs, request.output_filter)
+            names, outputs = plan.names, plan.outputs
             arrays = {n: to_numpy(request.inputs[n]) for n in names}
             if self._pool is None:
                 # Inline on the loop: no thread hand-off (the router bounds what is in flight).
@@ -102,7 +103,7 @@ class WorkerServices:
         response.model_spec.version.value = slot.version
         response.model_spec.signature_name = sig.name
         for name, value in result.items():
-            response.outputs[name].CopyFrom(from_numpy(value, sig.outputs[name].dtype))
+            fill(response.outputs[name], value, sig.outputs[name].dtype)
         return response
 
     async def GetModelMetadata(

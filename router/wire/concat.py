@@ -2,10 +2,12 @@
 
 Requests that share a batch key are concatenated along dimension 0, input by
 input; the batch's outputs are cut back into each request's rows.  Numeric
-tensors in ``tensor_content`` form (what every TF client and the project's
-own codec send) are joined and sliced as raw bytes, which is exactly
-concatenation along dimension 0 in row-major layout; anything else (typed
-``*_val`` fields, one-value broadcasts) goes through numpy.  Padding to an
+tensors in ``tensor_content`` form (what TF clients send for more than one
+element, and the project's own codec always) or in a plain typed field with
+one value per element (TF clients' one-element tensors) are joined as raw
+bytes, which is exactly concatenation along dimension 0 in row-major
+layout; anything else (one-value broadcasts, half, int8/16, complex) goes
+through numpy.  Padding to an
 allowed batch size repeats the batch's first row, so a padded batch holds
 only values some client really sent.
 """
@@ -18,7 +20,22 @@ import numpy as np
 
 from protos import tensor_pb2
 from router.errors import Internal, InvalidArgument
-from router.wire.tensor import DT_STRING, NUMPY_DTYPE, fill, from_numpy, num_elements, shape_of, to_numpy
+from router.wire.tensor import (
+    DT_BOOL,
+    DT_DOUBLE,
+    DT_FLOAT,
+    DT_INT32,
+    DT_INT64,
+    DT_STRING,
+    DT_UINT32,
+    DT_UINT64,
+    NUMPY_DTYPE,
+    fill,
+    from_numpy,
+    num_elements,
+    shape_of,
+    to_numpy,
+)
 
 TensorProto = tensor_pb2.TensorProto
 
@@ -57,26 +74,52 @@ def _raw(tensor: TensorProto) -> bool:
     return True
 
 
-def _raw_parts(tensors: Sequence[TensorProto], dtype: int, inner: tuple[int, ...]) -> list[bytes] | None:
-    """Each tensor's ``tensor_content`` when all can be joined as bytes, else None.
+#: Typed fields holding exactly one value per element, in the dtype's own type.
+_PLAIN_FIELD = {
+    DT_FLOAT: "float_val", DT_DOUBLE: "double_val", DT_INT32: "int_val", DT_INT64: "int64_val",
+    DT_BOOL: "bool_val", DT_UINT32: "uint32_val", DT_UINT64: "uint64_val",
+}
 
-    Hot path: the inner dimensions are already known equal (they are part of
-    the batch key), so only dimension 0 and the content length are read.
+
+def _raw_parts(tensors: Sequence[TensorProto], rows: Sequence[int], dtype: int,
+               inner: tuple[int, ...]) -> list[bytes] | None:
+    """The tensors' rows as little-endian bytes when all can be joined that way, else None.
+
+    Hot path: dimension 0 of each tensor (``rows``) and the shared inner
+    dimensions come from the caller, already validated, so no shape is read
+    here.  Tensors in a plain typed field with one value per element (what
+    ``tf.make_tensor_proto`` sends for a one-element tensor) are gathered
+    into one list and packed with a single numpy call per run of them;
+    broadcasts and the narrow or paired encodings (half, int8/16, complex)
+    go through the numpy path, which also owns their error messages.
     """
     np_dtype = NUMPY_DTYPE.get(dtype)
     if np_dtype is None or dtype == DT_STRING:
         return None
-    row_bytes = np_dtype.itemsize * num_elements(inner)
-    parts = []
-    for t in tensors:
+    per_row = num_elements(inner)
+    row_bytes = np_dtype.itemsize * per_row
+    field = _PLAIN_FIELD.get(dtype)
+    parts: list[bytes] = []
+    typed: list[object] = []  # values of consecutive typed tensors, not packed yet
+    for t, n in zip(tensors, rows):
         content = t.tensor_content
-        expected = t.tensor_shape.dim[0].size * row_bytes
-        if len(content) != expected:
-            if content:
+        if content:
+            if len(content) != n * row_bytes:
                 raise InvalidArgument(
-                    f"tensor_content has {len(content)} bytes but its shape needs {expected}")
-            return None  # typed *_val fields: the numpy path decodes them
-        parts.append(content)
+                    f"tensor_content has {len(content)} bytes but its shape needs {n * row_bytes}")
+            if typed:
+                parts.append(np.array(typed, dtype=np_dtype).tobytes())
+                typed = []
+            parts.append(content)
+            continue
+        if field is None:
+            return None
+        values = getattr(t, field)
+        if len(values) != n * per_row:
+            return None  # a broadcast, or malformed: the numpy path decides
+        typed.extend(values)
+    if typed:
+        parts.append(np.array(typed, dtype=np_dtype).tobytes())
     return parts
 
 
@@ -86,25 +129,35 @@ def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
     ``pad_rows`` extra copies of the first row are appended.
     """
     first = tensors[0]
-    dtype = first.dtype
-    inner = tuple(d.size for d in first.tensor_shape.dim[1:])
-    total = sum(t.tensor_shape.dim[0].size for t in tensors)
     if pad_rows == 0 and len(tensors) == 1:
         return first
-    parts = _raw_parts(tensors, dtype, inner)
+    out = TensorProto()
+    concat_into(out, tensors, [t.tensor_shape.dim[0].size for t in tensors], first.dtype,
+                tuple(d.size for d in first.tensor_shape.dim[1:]), pad_rows)
+    return out
+
+
+def concat_into(out: TensorProto, tensors: Sequence[TensorProto], rows: Sequence[int], dtype: int,
+                inner: tuple[int, ...], pad_rows: int = 0) -> None:
+    """``concat`` into an existing empty message (a request's map entry), given each
+    tensor's dimension 0, their dtype and inner dimensions as already validated."""
+    total = sum(rows) + pad_rows
+    parts = _raw_parts(tensors, rows, dtype, inner)
     if parts is not None:
-        row_bytes = NUMPY_DTYPE[dtype].itemsize * num_elements(inner)
-        if pad_rows:
-            parts.append(first.tensor_content[:row_bytes] * pad_rows)
-        out = TensorProto(dtype=dtype, tensor_content=b"".join(parts))
-        out.tensor_shape.dim.add(size=total + pad_rows)
+        if pad_rows and parts:  # no parts: rows of zero elements, nothing to repeat
+            row_bytes = NUMPY_DTYPE[dtype].itemsize * num_elements(inner)
+            parts.append(parts[0][:row_bytes] * pad_rows)
+        out.dtype = dtype  # type: ignore[assignment]
+        out.tensor_content = b"".join(parts)
+        dims = out.tensor_shape.dim
+        dims.add(size=total)
         for d in inner:
-            out.tensor_shape.dim.add(size=d)
-        return out
+            dims.add(size=d)
+        return
     arrays = [to_numpy(t) for t in tensors]
     if pad_rows:
         arrays.append(np.repeat(arrays[0][:1], pad_rows, axis=0))
-    return from_numpy(np.concatenate(arrays, axis=0), dtype)
+    fill(out, np.concatenate(arrays, axis=0), dtype)
 
 
 def split(tensor: TensorProto, rows: Sequence[int]) -> list[TensorProto]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from protos import metadata_pb2, tensor_pb2
 from router.errors import FailedPrecondition, InvalidArgument
@@ -58,6 +59,24 @@ class TensorSpec:
         return self.shape is not None and len(self.shape) >= 1 and self.shape[0] is None
 
 
+#: Distinct request layouts remembered per signature (see ``Signature.plan``).
+PLAN_CACHE_SIZE = 1024
+
+
+@dataclass
+class Plan:
+    """What validating one request layout found: sorted inputs, their shapes, sorted outputs.
+
+    ``extra`` is for the caller's own derived values (the batch key), computed
+    once per layout instead of once per request.
+    """
+
+    names: tuple[str, ...]
+    outputs: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    extra: dict[Any, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Signature:
     """A SignatureDef reduced to what validation and batching need."""
@@ -66,6 +85,7 @@ class Signature:
     inputs: Mapping[str, TensorSpec]
     outputs: Mapping[str, TensorSpec]
     method_name: str
+    _plans: dict[Any, Plan] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def from_def(cls, name: str, sig: SignatureDef) -> Signature:
@@ -144,6 +164,31 @@ class Signature:
             self.check_tensor(name, tensor.dtype, shape)
             shapes.append(shape)
         return names, self.select_outputs(output_filter), tuple(shapes)
+
+    def plan(self, inputs: Mapping[str, tensor_pb2.TensorProto], output_filter: Sequence[str]) -> Plan:
+        """``validate_shapes``, remembered per request layout.
+
+        Clients send the same layout over and over (same input names, dtypes
+        and shapes), and reading shapes through protobuf's Python API costs
+        more than the rest of the router's request path.  The layout is
+        fingerprinted by each input's name, dtype and *serialized*
+        TensorShapeProto (equal bytes, equal shape), so a hit skips every
+        per-dimension read and check.  Only valid layouts are remembered; a bad
+        request is checked (and refused) afresh every time.  At most
+        ``PLAN_CACHE_SIZE`` layouts are kept; past that the cache starts over.
+        """
+        layout = []
+        for name in inputs:  # keys and lookups: a map's items() iterates in Python
+            tensor = inputs[name]
+            layout.append((name, tensor.dtype, tensor.tensor_shape.SerializeToString()))
+        fingerprint = (tuple(layout), tuple(output_filter))
+        plan = self._plans.get(fingerprint)
+        if plan is None:
+            plan = Plan(*self.validate_shapes(inputs, output_filter))
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[fingerprint] = plan
+        return plan
 
 
 def find_signature(sigs: Mapping[str, Signature], name: str) -> Signature:
