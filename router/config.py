@@ -48,16 +48,18 @@ class WorkersConfig:
     socket_dir: str = ""  # spawn: where the Unix sockets live (default: a private temp dir)
     numa: bool = True  # pin each worker to one NUMA node's CPUs and memory
     sysfs_root: str = "/sys/devices/system/node"
-    cpus_per_worker: int = 0  # 0: split each node's CPUs evenly among its workers
+    cpus_per_worker: int = 0  # 0: a node's workers share all its CPUs; N: each worker its own N CPUs
     intra_op_threads: int = 0  # 0: the worker's CPU count
     inter_op_threads: int = 0  # 0: 1 or 2 by CPU count
     predict_threads: int = 0  # threads running TF calls per worker; 0: inline on its loop (measured fastest)
     max_inflight: int = 4  # requests or batches in flight per worker
     allocator: str = ""  # a malloc .so to LD_PRELOAD into workers (e.g. jemalloc)
-    # Workers run at a lower CPU priority than the router: where they share
-    # cores, the router's event loop (which admits requests and forms
-    # batches) must not be starved by TF's compute threads.
-    nice: int = 10
+    # Workers run at the lowest CPU priority: where they share cores with the
+    # router, its event loop (which admits requests and forms batches) must
+    # never wait for TF's compute threads, and workers that only get the CPU
+    # the router leaves form bigger batches (measured: c=64 throughput 2.43k
+    # req/s at nice 10, 2.78k at nice 19, p99 unchanged with shared CPUs).
+    nice: int = 19
     health_interval_s: float = 1.0
     startup_timeout_s: float = 180.0
     restart_backoff_s: float = 0.5

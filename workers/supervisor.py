@@ -111,8 +111,9 @@ def worker_specs(
 
     With ``numa=True`` the workers are placed with ``numa.plan`` over the
     topology under ``sysfs_root`` (restricted to ``allowed``, default: this
-    process's affinity); ``cpus_per_worker <= 0`` lets the plan size the CPU
-    slices. Each worker is launched under ``numactl`` (CPU and memory binding)
+    process's affinity); ``cpus_per_worker > 0`` gives each worker its own
+    slice of that many CPUs, ``<= 0`` lets the workers of a node share all of
+    its CPUs (``plan(share_node=True)``). Each worker is launched under ``numactl`` (CPU and memory binding)
     when it is installed and ``use_numactl``; otherwise ``--cpus`` makes the
     worker pin itself before importing TensorFlow. TF thread counts come from
     the placement unless the given value is > 0. With ``numa=False`` there is
@@ -132,7 +133,9 @@ def worker_specs(
     placements: Sequence[numa_lib.Placement | None]
     if numa:
         topology = numa_lib.read_topology(sysfs_root, allowed)
-        placements = numa_lib.plan(topology, count, cpus_per_worker if cpus_per_worker > 0 else None)
+        # No explicit slice size: the workers of a node share its CPUs.
+        placements = numa_lib.plan(topology, count, cpus_per_worker if cpus_per_worker > 0 else None,
+                                   share_node=cpus_per_worker <= 0)
     else:
         placements = [None] * count
 

@@ -243,6 +243,20 @@ def test_plan_thread_counts() -> None:
     assert {(p.intra_op_threads, p.inter_op_threads) for p in plan(single, 8)} == {(1, 1)}
 
 
+def test_plan_share_node_gives_every_worker_its_whole_node() -> None:
+    topo = (Node(0, (0, 1, 4, 5)), Node(1, (2, 3, 6, 7)))
+    shared = plan(topo, 5, share_node=True)
+    assert _layout(shared) == [
+        (0, (0, 1, 4, 5)), (0, (0, 1, 4, 5)), (0, (0, 1, 4, 5)),
+        (1, (2, 3, 6, 7)), (1, (2, 3, 6, 7)),
+    ]
+    assert [p.worker for p in shared] == [0, 1, 2, 3, 4]
+    # TF threads sized to the worker's share of its node: 4 CPUs / 3 workers -> 1, 4 / 2 -> 2.
+    assert [p.intra_op_threads for p in shared] == [1, 1, 1, 2, 2]
+    # An explicit slice size still slices.
+    assert _layout(plan(topo, 2, 1, share_node=True)) == [(0, (0,)), (1, (2,))]
+
+
 def test_plan_extra_workers_go_to_bigger_nodes() -> None:
     # a cpuset holding 1 CPU of node0 and 8 of node1: the third worker shouldn't share CPU 0
     topo = (Node(0, (0,)), Node(1, tuple(range(8, 16))))

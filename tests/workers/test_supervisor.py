@@ -85,7 +85,8 @@ def test_worker_specs_numa_without_numactl_pins_with_cpus_flag(
     monkeypatch.setattr(numa, "find_numactl", lambda: None)
     specs = _specs(sysfs, tmp_path / "sock", predict_threads=3)
     assert [s.index for s in specs] == [0, 1, 2, 3]
-    assert [s.cpus for s in specs] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    # No cpus_per_worker: the two workers of each node share its CPUs.
+    assert [s.cpus for s in specs] == [(0, 1, 2, 3), (0, 1, 2, 3), (4, 5, 6, 7), (4, 5, 6, 7)]
     for i, s in enumerate(specs):
         path = (tmp_path / "sock" / f"w{i}.sock").absolute()
         assert s.address == f"unix:{path}"
@@ -93,7 +94,7 @@ def test_worker_specs_numa_without_numactl_pins_with_cpus_flag(
         assert s.argv[:6] == ("/usr/bin/python3", "-m", "workers", "--listen", s.address, "--cpus")
         assert _flag(s.argv, "--cpus") == numa.format_cpulist(s.cpus)
         assert _flag(s.argv, "--mem-node") == ("0" if i < 2 else "1")  # the node its CPUs are on
-        assert _flag(s.argv, "--intra-op-threads") == "2"  # from the placement: its CPU count
+        assert _flag(s.argv, "--intra-op-threads") == "2"  # from the placement: its share of the node
         assert _flag(s.argv, "--inter-op-threads") == "1"
         assert _flag(s.argv, "--predict-threads") == "3"
         assert s.env["PYTHONPATH"] == str(REPO_ROOT)
