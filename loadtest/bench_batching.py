@@ -17,7 +17,8 @@ measured gets load, and an idle process costs nothing):
 
 gRPC steps use the official client (``PredictionServiceStub`` on one grpc.aio
 channel, 16 distinct one-row PredictRequests built ahead of time), in closed
-loop at concurrency 64 against 1-4, then at concurrency 1 against 1 and 2.
+loop at concurrency 64 against 1-4, then at concurrency 1 against 1 and 2
+turn about (ten alternating windows each, pooled, so drift hits both alike).
 REST steps use aiohttp (one ``TCPConnector(limit=64)`` session, keep-alive,
 pre-serialized ``{"instances": [one row]}`` bodies) at 64 connections against
 the coalescing router's REST port and 5.  Each step: a 1 s warm-up, then
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -301,6 +303,65 @@ def batch_delta(label: str, before: Mapping[str, float], after: Mapping[str, flo
                       d("handled_s"), d("handled"), client_mean_ms)
 
 
+# -- concurrency 1, interleaved ------------------------------------------------------
+
+C1_ROUNDS = 10  # alternations of the two routers in the concurrency-1 comparison
+
+
+def merged(label: str, parts: Sequence[LoadResult]) -> LoadResult:
+    """One result from several short windows of the same target."""
+    total = sum(p.seconds for p in parts)
+    errors: Counter[str] = Counter()
+    for p in parts:
+        errors.update(p.errors)
+    keys = {k for p in parts for k in p.cpu}
+    cpu = {k: sum(p.cpu.get(k, 0.0) * p.seconds for p in parts) / total for k in keys} if total else {}
+    return LoadResult(label=label, concurrency=parts[0].concurrency, rows_per_call=1, seconds=total,
+                      latencies=sorted(x for p in parts for x in p.latencies), errors=errors, cpu=cpu)
+
+
+async def interleaved_c1(pair: Sequence[tuple[str, str, Mapping[str, int | None]]], requests: Sequence[Any],
+                         expect: Any, seconds: float) -> list[LoadResult]:
+    """Concurrency 1 on each target of ``pair`` in ``C1_ROUNDS`` alternating windows.
+
+    A difference of a fraction of a millisecond is smaller than the drift of
+    this machine over a few seconds (other processes, CPU frequency), so the
+    two routers are measured turn about, ``seconds / C1_ROUNDS`` each, and
+    each one's windows are pooled: drift then hits both alike.
+    """
+    import contextlib
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    feeds = itertools.cycle(requests)
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = []
+        for label, address, _ in pair:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            try:
+                check_grpc_response(await stub.Predict(requests[0], timeout=30), expect=expect)
+            except (grpc.RpcError, RuntimeError) as exc:
+                progress(f"  check failed: {error_text(exc)}")
+                return [failed(label, 1, exc) for label, _, _ in pair]
+            stubs.append(stub)
+
+        def caller(stub: Any) -> Any:
+            async def call() -> None:
+                await stub.Predict(next(feeds), timeout=30)
+            return call
+
+        for stub in stubs:  # warm-up, unmeasured
+            await closed_loop(caller(stub), concurrency=1, seconds=WARMUP_S, warmup=0.0)
+        parts: list[list[LoadResult]] = [[] for _ in pair]
+        for _ in range(C1_ROUNDS):
+            for (label, _, pids), stub, got in zip(pair, stubs, parts):
+                got.append(await closed_loop(caller(stub), concurrency=1, seconds=seconds / C1_ROUNDS,
+                                             warmup=0.0, label=label, cpu_pids=pids))
+    return [merged(label, got) for (label, _, _), got in zip(pair, parts)]
+
+
 # -- the benchmark ----------------------------------------------------------------
 
 
@@ -315,15 +376,15 @@ async def measure(t: Targets, seconds: float) -> tuple[list[LoadResult], list[Ba
         ("no coalescing", t.plain.grpc_address, plain_pids, HIGH),
         ("direct worker", t.direct.address, {"client": None, "worker": t.direct.pid}, HIGH),
         ("fixed reply", t.fixed.address, {"client": None, "server": t.fixed.pid}, HIGH),
-        ("coalescing", t.coalescing.grpc_address, co_pids, 1),
-        ("no coalescing", t.plain.grpc_address, plain_pids, 1),
     ]
+    c1_pair = [("coalescing", t.coalescing.grpc_address, co_pids),
+               ("no coalescing", t.plain.grpc_address, plain_pids)]
     rest_steps = [
         ("REST coalescing", f"{t.coalescing.rest_url}/v1/models/{MODEL_NAME}:predict", co_pids),
         ("REST inline aiohttp", f"{t.inline.url}/v1/models/{MODEL_NAME}:predict",
          {"client": None, "server": t.inline.pid}),
     ]
-    steps = len(grpc_steps) + len(rest_steps)
+    steps = len(grpc_steps) + 1 + len(rest_steps)
     results: list[LoadResult] = []
     stats: list[BatchStats] = []
     step = 0
@@ -353,6 +414,12 @@ async def measure(t: Targets, seconds: float) -> tuple[list[LoadResult], list[Ba
                               cpu_pids=pids, expect=expect))
         if before is not None:
             stats.append(batch_delta(f"gRPC c={concurrency}", before, batch_counters(t.coalescing), results[-1]))
+
+    step += 1
+    progress(f"[{step}/{steps}] gRPC coalescing and no coalescing, concurrency 1, turn about "
+             f"({C1_ROUNDS} x {seconds / C1_ROUNDS:g}s each) ...")
+    for r in await interleaved_c1(c1_pair, requests, expected[0], seconds):
+        done(r)
 
     for label, url, pids in rest_steps:
         step += 1
