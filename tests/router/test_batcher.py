@@ -312,7 +312,9 @@ class Harness:
 
 def harness(n_backends: int = 1, max_inflight: int = 1, dead: tuple[int, ...] = (), seed: int = 0,
             **batching: Any) -> Harness:
-    settings = BatchingConfig(**batching)
+    # Per-worker slots are what these tests exercise; the model-wide cap
+    # (default 1) has a test of its own and is lifted unless one asks for it.
+    settings = BatchingConfig(**{"max_concurrent_batches": 0, **batching})
     fakes = [FakeTransport(dead=i in dead) for i in range(n_backends)]
     backends = [
         Backend(f"w{i}", f"unix:/w{i}", max_inflight, transport=fake, state=READY,
@@ -356,6 +358,39 @@ def test_requests_queued_behind_a_busy_slot_go_as_one_batch() -> None:
             assert response.model_spec.name == "m"
         assert h.metric("tfs_router_batch_size_requests_sum") == 1 + 9
         assert h.batcher.queued_rows("m") == 0
+        await h.batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("cap", [1, 0])
+def test_max_concurrent_batches_caps_batches_in_flight_over_all_workers(cap: int) -> None:
+    async def main() -> None:
+        h = harness(n_backends=2, max_concurrent_batches=cap)
+        for fake in h.fakes:
+            fake.gate = asyncio.Event()
+
+        def calls() -> int:
+            return sum(len(f.calls) for f in h.fakes)
+
+        first = asyncio.create_task(h.submit(h.x(1)))
+        await until(lambda: calls() == 1)  # on one worker, gate closed; the other worker is free
+        xs = [h.x(1) for _ in range(6)]
+        tasks = [asyncio.create_task(h.submit(x)) for x in xs]
+        if cap:
+            await until(lambda: h.batcher.queued_rows("m") == 6)
+            for _ in range(100):  # let the dispatcher run: it must not use the free worker
+                await asyncio.sleep(0)
+            assert calls() == 1
+        else:
+            await until(lambda: calls() == 2)  # no cap: the free worker took the next request at once
+        for fake in h.fakes:
+            fake.gate.set()
+        responses = await asyncio.gather(first, *tasks)
+        # Capped: the six waited for the first batch and went as one; else one went alone, then five.
+        assert calls() == (2 if cap else 3)
+        for x, response in zip(xs, responses[1:]):
+            assert y_of(response).tolist() == (x * 2).tolist()
         await h.batcher.close()
 
     run(main())
