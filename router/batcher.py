@@ -306,8 +306,7 @@ class Batcher:
 
     def _claim(self, model: str) -> None:
         """Count a batch that is about to be sent (``_execute`` gives it back)."""
-        self._running[model] = self._running.get(model, 0) + 1
-        self._batch_done.setdefault(model, asyncio.Event())
+        self._running[model] = self._running.get(model, 0) + 1  # its event exists: see _new_queue
 
     def _assemble(self, key: BatchKey, batch: list[Pending], settings: BatchingConfig) -> predict_pb2.PredictRequest:
         total = sum(item.rows for item in batch)

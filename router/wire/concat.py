@@ -31,7 +31,6 @@ from router.wire.tensor import (
     DT_UINT64,
     NUMPY_DTYPE,
     fill,
-    from_numpy,
     num_elements,
     shape_of,
     to_numpy,
@@ -123,24 +122,15 @@ def _raw_parts(tensors: Sequence[TensorProto], rows: Sequence[int], dtype: int,
     return parts
 
 
-def concat(tensors: Sequence[TensorProto], pad_rows: int = 0) -> TensorProto:
-    """Concatenate tensors of one dtype and inner shape along dimension 0.
-
-    ``pad_rows`` extra copies of the first row are appended.
-    """
-    first = tensors[0]
-    if pad_rows == 0 and len(tensors) == 1:
-        return first
-    out = TensorProto()
-    concat_into(out, tensors, [t.tensor_shape.dim[0].size for t in tensors], first.dtype,
-                tuple(d.size for d in first.tensor_shape.dim[1:]), pad_rows)
-    return out
-
-
 def concat_into(out: TensorProto, tensors: Sequence[TensorProto], rows: Sequence[int], dtype: int,
                 inner: tuple[int, ...], pad_rows: int = 0) -> None:
-    """``concat`` into an existing empty message (a request's map entry), given each
-    tensor's dimension 0, their dtype and inner dimensions as already validated."""
+    """Concatenate tensors of one dtype and inner shape along dimension 0, into
+    an existing empty message (a batch request's map entry).
+
+    ``rows`` (each tensor's dimension 0), ``dtype`` and ``inner`` come from
+    the caller's already validated view (the batch key); ``pad_rows`` extra
+    copies of the first row are appended.
+    """
     total = sum(rows) + pad_rows
     parts = _raw_parts(tensors, rows, dtype, inner)
     if parts is not None:
