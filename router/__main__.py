@@ -20,7 +20,7 @@ from typing import Any
 
 from router import config as cfgmod
 from router import log as rlog
-from router.errors import BindError
+from common.errors import BindError
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from protos import config_pb2, metadata_pb2, model_pb2, status_pb2
 from router.config import Config, ModelConfig
-from router.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from common.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from router.pool import DEAD, LOADING, READY, Backend, Pool
-from router.wire.signature import Signature
+from common.signature import Signature
 
 log = logging.getLogger("router.control")
 

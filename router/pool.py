@@ -27,7 +27,7 @@ import grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from router.balancer import pick_two
-from router.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable, from_code
+from common.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable, from_code
 
 log = logging.getLogger("router.pool")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from protos import config_pb2, model_pb2, status_pb2
-from router.errors import CODE_BY_NUMBER, CODE_NUMBER, InvalidArgument, NotFound, ServingError
+from common.errors import CODE_BY_NUMBER, CODE_NUMBER, InvalidArgument, NotFound, ServingError
 from workers import warmup
 from workers.runtime import LoadedVersion
 

@@ -28,8 +28,8 @@ from tensorflow.python.eager import context as tf_context
 from tensorflow.python.framework import constant_op
 
 from protos import metadata_pb2
-from router.errors import FailedPrecondition, Internal, InvalidArgument
-from router.wire.signature import Signature, find_signature
+from common.errors import FailedPrecondition, Internal, InvalidArgument
+from common.signature import Signature, find_signature
 
 log = logging.getLogger("workers.runtime")
 

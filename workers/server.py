@@ -28,8 +28,8 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
-from router.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
-from router.wire.tensor import fill, to_numpy
+from common.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
+from common.tensor import fill, to_numpy
 from workers.manager import ModelManager
 
 log = logging.getLogger("workers.server")

@@ -10,44 +10,26 @@ executors real traffic will use, so the first real request pays no tracing.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
 from protos import prediction_log_pb2
-from router.errors import FailedPrecondition, InvalidArgument
-from router.wire.tensor import to_numpy
+from common.errors import FailedPrecondition, InvalidArgument
+from common.tensor import to_numpy
+from common.tfrecord import split_records
 from workers.runtime import LoadedVersion
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_RECORDS = 1000
 
 
-def check_framing(data: bytes, path: Path) -> int:
-    """Count the records of a TFRecord file, refusing a truncated or garbled one.
-
-    TF's reader verifies each record's CRC but treats a short tail as the end
-    of the file; a warm-up file must be whole, so the framing is checked here.
-    """
-    offset = count = 0
-    while offset < len(data):
-        if len(data) - offset < 12:
-            raise FailedPrecondition(f"warm-up file {path} ends in a truncated record header")
-        length = struct.unpack_from("<Q", data, offset)[0]
-        end = offset + 12 + length + 4
-        if end > len(data):
-            raise FailedPrecondition(f"warm-up file {path}: record {count} is truncated")
-        offset = end
-        count += 1
-    return count
-
-
 def read_records(path: Path) -> list[prediction_log_pb2.PredictionLog]:
     import tensorflow as tf
 
-    if check_framing(path.read_bytes(), path) > MAX_RECORDS:
-        raise FailedPrecondition(f"warm-up file {path} has more than {MAX_RECORDS} records")
+    # The framing first (TF's reader takes a short tail for the end of the file), then TF's
+    # reader for the CRCs.
+    split_records(path.read_bytes(), path, MAX_RECORDS)
     logs = []
     try:
         for raw in tf.data.TFRecordDataset(str(path)):

@@ -27,11 +27,11 @@ from router import log as rlog
 from router.config import Config
 from router.control import Control
 from router.dataplane import DataPlane
-from router.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
+from common.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
 from router.wire import rest_json
-from router.wire.signature import find_signature
-from router.wire.tensor import fill, to_numpy
+from common.signature import find_signature
+from common.tensor import fill, to_numpy
 
 logger = logging.getLogger("router.rest")
 

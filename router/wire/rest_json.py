@@ -67,8 +67,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from router.errors import InvalidArgument, ServingError, Unimplemented
-from router.wire.tensor import (
+from common.errors import InvalidArgument, ServingError, Unimplemented
+from common.tensor import (
     DT_BOOL,
     DT_DOUBLE,
     DT_FLOAT,

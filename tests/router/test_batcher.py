@@ -28,10 +28,10 @@ from router.batcher import FULL, SLOT_FREED, TIMEOUT, BatchKey, Batcher, BatchQu
 from router.config import BatchingConfig
 from router.control import Control
 from router.dataplane import DataPlane
-from router.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
+from common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
 from router.metrics import Metrics
 from router.pool import READY, Backend, Pool, TransportError
-from router.wire.tensor import DT_FLOAT, from_numpy, to_numpy
+from common.tensor import DT_FLOAT, from_numpy, to_numpy
 
 T = TypeVar("T")
 AVAILABLE = status_pb2.ModelVersionStatus.AVAILABLE

@@ -22,7 +22,7 @@ from protos import config_pb2, metadata_pb2, model_pb2, predict_pb2, status_pb2,
 from router.config import Config, ModelConfig, from_dict
 from router.control import Control, aspired, list_versions
 from router.dataplane import DataPlane
-from router.errors import (
+from common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protos import metadata_pb2, tensor_pb2
-from router.errors import FailedPrecondition, InvalidArgument
-from router.wire.tensor import dtype_name, shape_of
+from common.errors import FailedPrecondition, InvalidArgument
+from common.tensor import dtype_name, shape_of
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"

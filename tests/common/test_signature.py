@@ -1,4 +1,4 @@
-"""router.wire.signature: request validation, and the per-layout plan cache in front of it."""
+"""common.signature: request validation, and the per-layout plan cache in front of it."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from protos import metadata_pb2, predict_pb2, types_pb2
-from router.errors import InvalidArgument
-from router.wire import signature as sigmod
-from router.wire.signature import Signature
-from router.wire.tensor import from_numpy
+from common.errors import InvalidArgument
+from common import signature as sigmod
+from common.signature import Signature
+from common.tensor import from_numpy
 
 
 def signature() -> Signature:
