@@ -1,12 +1,14 @@
-"""``tfs-router serve``: run the router (and its workers) until SIGTERM.
+"""``tfs-router``: run the router (``serve``), or operate a running one.
 
     tfs-router serve                                  # embedded configs/local.yaml
     tfs-router serve --config configs/local.yaml
     tfs-router serve --model-name ctr --model-base-path models/ctr --workers 2
     tfs-router serve --static 10.0.0.5:8500 --model-name ctr --model-base-path /models/ctr
+    tfs-router status | rollout MODEL [--version V] [--watch] | rollback MODEL | abort | drain W | undrain W
 
 Quick flags override the config file; with --model-name/--model-base-path no
-config file is needed.
+config file is needed.  The operator commands talk to the admin endpoint
+(``router/cli.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import signal
 import sys
 from typing import Any
 
+from common.errors import BindError
+from router import cli
 from router import config as cfgmod
 from router import log as rlog
-from common.errors import BindError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, help="gRPC port (TF Serving: 8500; 0 picks a free one)")
     s.add_argument("--rest-port", type=int, help="REST port (TF Serving: 8501; 0 picks a free one)")
     s.add_argument("--no-batching", action="store_true", help="turn request coalescing off for every model")
+    s.add_argument("--admin-port", type=int, help="admin endpoint port on admin.host (default 8502; 0 picks a "
+                                                   "free one; -1 turns it off)")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    cli.add_commands(sub)
     return p
 
 
@@ -59,6 +65,8 @@ def build_config(args: argparse.Namespace) -> cfgmod.Config:
         changes["grpc.port"] = args.grpc_port
     if args.rest_port is not None:
         changes["rest.port"] = args.rest_port
+    if args.admin_port is not None:
+        changes["admin.port"] = args.admin_port
     if args.log_level:
         changes["log.level"] = args.log_level
     cfg = cfgmod.override(base, **changes) if changes or not base.models else base
@@ -102,6 +110,8 @@ async def serve(cfg: cfgmod.Config) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.command != "serve":
+        raise SystemExit(cli.run(args))
     try:
         cfg = build_config(args)
     except cfgmod.ConfigError as exc:
@@ -118,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         code = uvloop.run(serve(cfg))
     except BindError as exc:
         print(f"tfs-router: {exc}", file=sys.stderr)
+        code = 2
+    except cfgmod.ConfigError as exc:
+        print(f"tfs-router: config error: {exc}", file=sys.stderr)
         code = 2
     raise SystemExit(code)
 

@@ -1,14 +1,15 @@
 """Composition root: builds the router's parts and owns their start and stop order.
 
-Start: metrics, pool and control; both frontends bind (not ready yet); the
-workers start (spawned and supervised, or static addresses) and each is
-synced to the aspired versions as soon as it answers; background tasks
-poll the base paths and health-check the workers.  Ready when every model
-has an AVAILABLE version on some worker.
+Start: metrics, pool and the control plane; the frontends and the admin
+endpoint bind (not ready yet); the workers start (spawned and supervised,
+or static addresses); the rollout controller loads and warms each worker as
+soon as it answers; background tasks poll the base paths and health-check
+the workers.  Ready when every model's default version is AVAILABLE on a
+worker in rotation.
 
 Stop (SIGTERM): report not-ready, stop accepting and drain in-flight
-requests under ``shutdown_timeout_s``, cancel background tasks, close the
-worker channels, then stop the worker processes.
+requests under ``shutdown_timeout_s``, stop the controller and background
+tasks, close the worker channels, then stop the worker processes.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from prometheus_client import CollectorRegistry
 
 from router.batcher import Batcher
 from router.config import Config
-from router.control import Control
+from router.control.registry import Registry
+from router.control.rollout import Controller
+from router.control.source import VersionSource
 from router.dataplane import DataPlane
+from router.frontends.admin import AdminFrontend, admin_token
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
-from router.pool import DEAD, LOADING, READY, STARTING, Backend, GrpcTransport, Pool
+from router.pool import DEAD, READY, STARTING, Backend, GrpcTransport, Pool
 from workers import supervisor as sup
 
 log = logging.getLogger("router.app")
@@ -52,19 +56,26 @@ class App:
             else:
                 self._socket_dir = Path(tempfile.mkdtemp(prefix="tfs-router-"))
                 self._own_socket_dir = True
-            backends = [Backend(f"w{i}", f"unix:{self._socket_dir / f'w{i}.sock'}", w.max_inflight)
+            backends = [Backend(f"w{i}", f"unix:{self._socket_dir / f'w{i}.sock'}", w.max_inflight, index=i)
                         for i in range(w.count)]
         else:
-            backends = [Backend(addr, addr, w.max_inflight) for addr in w.addresses]
+            backends = [Backend(addr, addr, w.max_inflight, index=i) for i, addr in enumerate(w.addresses)]
+        self._by_index = {b.index: b for b in backends}
         self.pool = Pool(backends, max_queued=config.limits.max_queued,
                          on_inflight=lambda b: self.metrics.set_worker_inflight(b.name, b.inflight))
-        self.control = Control(config, self.pool, on_change=self._publish_states)
-        self.dataplane = DataPlane(self.control, self.pool, on_retry=self.metrics.retried)
+        self.registry = Registry(config, self.pool)
+        self.source = VersionSource(config.models, ready_marker=config.source.ready_marker,
+                                    stable_polls=config.source.stable_polls)
+        self.controller = Controller(config, self.pool, self.registry, self.source, self.metrics, fleet=self,
+                                     on_change=self._publish_states)
+        self.dataplane = DataPlane(self.registry, self.pool, on_retry=self.metrics.retried)
         self.batcher = Batcher(self.pool, self.dataplane.dispatch, self.metrics)
         self.dataplane.batcher = self.batcher
         self.grpc = GrpcFrontend(config, self.dataplane, self.metrics)
-        self.rest = RestFrontend(config, self.dataplane, self.control, self.metrics)
+        self.rest = RestFrontend(config, self.dataplane, self.registry, self.metrics)
+        self.admin = AdminFrontend(config.admin, self.controller, token=admin_token())
         self.supervisor: sup.Supervisor | None = None
+        self._specs: dict[int, sup.WorkerSpec] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health_failures: dict[str, int] = {}
         self._ready = asyncio.Event()
@@ -87,7 +98,7 @@ class App:
     def _publish_states(self) -> None:
         for b in self.pool.backends:
             self.metrics.set_worker_state(b.name, b.state)
-        if self.control.ready() and not self._stopping:
+        if self.registry.ready() and not self._stopping:
             if not self._ready.is_set():
                 self._ready.set()
                 log.info("ready: %s", {m.name: sorted(self.pool.available_versions(m.name))
@@ -97,38 +108,88 @@ class App:
     # -- start ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self.control.aspired = await asyncio.to_thread(self.control.scan)
+        await asyncio.to_thread(self.source.poll)
         for m in self.config.models:
-            if not self.control.aspired[m.name]:
+            if not self.source.on_disk(m.name):
                 log.warning("model %s: no version directories under %s yet", m.name, m.base_path)
         await self.grpc.start()
         await self.rest.start()
+        await self.admin.start()
         self.rest.accepting = True
         self._publish_states()
         w = self.config.workers
         if w.mode == "spawn":
-            assert self._socket_dir is not None
-            specs = sup.worker_specs(
-                w.count, self._socket_dir, numa=w.numa, sysfs_root=w.sysfs_root,
-                cpus_per_worker=w.cpus_per_worker, intra_op_threads=w.intra_op_threads,
-                inter_op_threads=w.inter_op_threads, predict_threads=w.predict_threads,
-                allocator=w.allocator,
-                extra_args=("--parent-pid", str(os.getpid()), "--nice", str(w.nice)),
-            )
-            for spec in specs:
+            self._specs = {spec.index: spec for spec in self._worker_specs(w.count)}
+            for spec in self._specs.values():
                 log.info("worker w%d: cpus %s", spec.index, list(spec.cpus) or "any")
             self.supervisor = sup.Supervisor(
-                specs, self._on_worker_event, backoff_initial=w.restart_backoff_s,
+                list(self._specs.values()), self._on_worker_event, backoff_initial=w.restart_backoff_s,
                 backoff_max=w.restart_backoff_max_s, startup_timeout=w.startup_timeout_s,
             )
             await self.supervisor.start()
         else:
             for b in self.pool.backends:
                 self._connect(b)
-        self._spawn(self.control.poll_forever(self.config.poll_interval_s), "poll")
+        self._spawn(self.controller.run(), "rollout-controller")
+        self._spawn(self._poll_forever(self.config.poll_interval_s), "poll")
         self._spawn(self._health_loop(), "health")
 
-    def _connect(self, backend: Backend) -> None:
+    def _worker_specs(self, count: int) -> list[sup.WorkerSpec]:
+        w = self.config.workers
+        assert self._socket_dir is not None
+        return sup.worker_specs(
+            count, self._socket_dir, numa=w.numa, sysfs_root=w.sysfs_root,
+            cpus_per_worker=w.cpus_per_worker, intra_op_threads=w.intra_op_threads,
+            inter_op_threads=w.inter_op_threads, predict_threads=w.predict_threads,
+            allocator=w.allocator,
+            extra_args=("--parent-pid", str(os.getpid()), "--nice", str(w.nice)),
+        )
+
+    async def _poll_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.source.poll)
+            except Exception:  # the poller must survive anything a filesystem does
+                log.exception("version scan failed")
+            self.controller.wake()
+
+    # -- the fleet: surge workers (rollout.Fleet) ------------------------------
+
+    @property
+    def can_surge(self) -> bool:
+        return self.supervisor is not None and not self._stopping
+
+    async def add_surge(self) -> Backend:
+        """One more spawned worker, placed as if the pool had one more member."""
+        assert self.supervisor is not None
+        index = max(self._by_index) + 1
+        spec = self._worker_specs(index + 1)[index]
+        backend = Backend(f"w{index}", spec.address, self.config.workers.max_inflight, index=index, surge=True)
+        self._by_index[index] = backend
+        self._specs[index] = spec
+        self.pool.add(backend)
+        self._publish_states()
+        log.info("surge worker %s: cpus %s", backend.name, list(spec.cpus) or "any")
+        await self.supervisor.add(spec)
+        return backend
+
+    async def retire(self, backend: Backend) -> None:
+        """Stop a surge worker for good and forget it."""
+        assert self.supervisor is not None
+        self.pool.remove(backend)
+        self._by_index.pop(backend.index, None)
+        self._specs.pop(backend.index, None)
+        await self.supervisor.remove(backend.index, timeout=self.config.shutdown_timeout_s)
+        if backend.transport is not None:
+            await backend.transport.close()
+            backend.transport = None
+        self.metrics.remove_worker(backend.name)
+        self._publish_states()
+
+    # -- worker events ---------------------------------------------------------
+
+    def _connect(self, backend: Backend, pid: int | None = None) -> None:
         old = backend.transport
         if old is not None:
             self._spawn(old.close(), f"close-{backend.name}")
@@ -136,24 +197,32 @@ class App:
         backend.transport = GrpcTransport(backend.address)
         backend.state = STARTING
         backend.versions = {}
+        backend.warm = {}
+        backend.pid = pid
         self._health_failures[backend.name] = 0
         self._publish_states()
-        self._spawn(self.control.sync(backend), f"sync-{backend.name}")
+        self.controller.wake()
 
     async def _on_worker_event(self, index: int, event: str, info: dict[str, Any]) -> None:
-        backend = self.pool.backends[index]
+        backend = self._by_index.get(index)
+        if backend is None:
+            return  # a retired surge worker
         if event == "started":
             log.info("worker %s started (pid %s)", backend.name, info.get("pid"))
-            self._connect(backend)
+            self._connect(backend, info.get("pid"))
         elif event == "exited":
             log.warning("worker %s exited (pid %s, code %s)", backend.name, info.get("pid"), info.get("returncode"))
-            self._mark_dead(backend)
+            self._mark_dead(backend, f"exited ({info.get('returncode')})")
             if not self._stopping:
                 self.metrics.worker_restarted(backend.name)
 
-    def _mark_dead(self, backend: Backend) -> None:
+    def _mark_dead(self, backend: Backend, why: str) -> None:
+        if not self._stopping:
+            self.controller.worker_lost(backend, why)
         backend.state = DEAD
         backend.versions = {}
+        backend.warm = {}
+        backend.pid = None
         backend.generation += 1
         self.pool.fail_waiters()
         self._publish_states()
@@ -168,9 +237,6 @@ class App:
                 healthy = await b.transport.healthy(timeout=max(0.5, interval))
                 if healthy:
                     self._health_failures[b.name] = 0
-                    if b.state in (STARTING, LOADING) and not self.control.syncing(b):
-                        # A sync that failed (say, the worker was still binding) is retried.
-                        self._spawn(self.control.sync(b), f"sync-{b.name}")
                     if b.state == DEAD and self.config.workers.mode == "static":
                         log.info("worker %s answers again; re-syncing", b.name)
                         self._connect(b)
@@ -179,7 +245,7 @@ class App:
                 if b.state == READY and self._health_failures[b.name] >= HEALTH_FAILURES_BEFORE_DEAD:
                     log.warning("worker %s failed %d health checks; taking it out of rotation",
                                 b.name, self._health_failures[b.name])
-                    self._mark_dead(b)
+                    self._mark_dead(b, f"failed {self._health_failures[b.name]} health checks")
             self._publish_states()
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -203,6 +269,8 @@ class App:
         except Exception:  # health state is best effort during shutdown
             pass
         await asyncio.gather(self.grpc.stop(grace), self.rest.stop(), return_exceptions=True)
+        await self.controller.stop()
+        await self.admin.stop()
         await self.batcher.close()
         for task in list(self._tasks):
             task.cancel()
@@ -223,11 +291,14 @@ def describe(app: App, host: str) -> str:
     models = ", ".join(m.name for m in app.config.models)
     first = app.config.models[0].name
     shown = "localhost" if host in ("0.0.0.0", "::", "") else host
-    return (
-        f"tfs-router serving {models}\n"
-        f"  gRPC (TF Serving API): {shown}:{app.grpc_port}\n"
-        f"  REST (TF Serving API): http://{shown}:{app.rest_port}/v1/models/{first}\n"
-        f"  metrics:               http://{shown}:{app.rest_port}/monitoring/prometheus/metrics\n"
-        f"  try: curl http://{shown}:{app.rest_port}/v1/models/{first}"
-    )
+    lines = [
+        f"tfs-router serving {models}",
+        f"  gRPC (TF Serving API): {shown}:{app.grpc_port}",
+        f"  REST (TF Serving API): http://{shown}:{app.rest_port}/v1/models/{first}",
+        f"  metrics:               http://{shown}:{app.rest_port}/monitoring/prometheus/metrics",
+    ]
+    if app.admin.port:
+        lines.append(f"  admin:                 {app.admin.url}/v1/admin/status  (tfs-router status)")
+    lines.append(f"  try: curl http://{shown}:{app.rest_port}/v1/models/{first}")
+    return "\n".join(lines)
 

@@ -114,6 +114,47 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """When a version directory counts as complete (a candidate to load)."""
+
+    # A file whose presence marks a version directory complete (e.g. "_READY");
+    # "": complete once saved_model.pb is there and the directory's listing and
+    # file sizes stayed the same over ``stable_polls`` polls.
+    ready_marker: str = ""
+    stable_polls: int = 2
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How new versions reach the workers (DESIGN decision 4)."""
+
+    # staged: drain -> load -> warm -> switch, one worker at a time;
+    # in_place: load while serving (TF Serving's way, kept for comparison).
+    strategy: str = "staged"
+    # overlap: every worker holds old and new until one pool-wide switch, then
+    # the old is unloaded (2 versions in memory per worker during a rollout);
+    # swap: a worker unloads the old before it loads the new (1 version in
+    # memory), and the pool switches once half of it holds the new version.
+    mode: str = "overlap"
+    # auto: start one extra worker when the pool cannot spare one (a pool of
+    # one); always: for every rollout; never.
+    surge: str = "auto"
+    max_unavailable: int = 1  # workers out of rotation at once for a rollout
+    min_serving: int = 1  # never fewer workers serving the default version
+    drain_timeout_s: float = 30.0
+    load_timeout_s: float = 600.0
+    warmup_budget_s: float = 30.0  # per version and worker
+    warmup_max_rounds: int = 20
+    retry_backoff_s: float = 1.0  # a failed worker step is retried after this, doubling up to 30 s
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"  # a non-loopback address needs TFS_ROUTER_ADMIN_TOKEN
+    port: int = 8502  # 0 picks a free one; -1 turns the admin endpoint off
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"  # text | json
@@ -127,6 +168,9 @@ class Config:
     rest: RestConfig = field(default_factory=RestConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     poll_interval_s: float = 1.0  # how often base paths are scanned for new versions
     shutdown_timeout_s: float = 10.0
@@ -238,6 +282,26 @@ def _validate(cfg: Config) -> None:
                          (w.restart_backoff_s, "workers.restart_backoff_s")):
         if value <= 0:
             raise ConfigError(f"{where}: must be greater than 0")
+    r = cfg.rollout
+    for key, allowed in (("strategy", ("staged", "in_place")), ("mode", ("overlap", "swap")),
+                         ("surge", ("auto", "always", "never"))):
+        if getattr(r, key) not in allowed:
+            raise ConfigError(f"rollout.{key}: {getattr(r, key)!r} (use {' or '.join(allowed)})")
+    if r.max_unavailable < 1:
+        raise ConfigError("rollout.max_unavailable: must be at least 1")
+    if r.min_serving < 0:
+        raise ConfigError("rollout.min_serving: must be >= 0")
+    if r.warmup_max_rounds < 1:
+        raise ConfigError("rollout.warmup_max_rounds: must be at least 1")
+    for key in ("drain_timeout_s", "load_timeout_s", "warmup_budget_s", "retry_backoff_s"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"rollout.{key}: must be greater than 0")
+    if cfg.source.stable_polls < 1:
+        raise ConfigError("source.stable_polls: must be at least 1")
+    if "/" in cfg.source.ready_marker:
+        raise ConfigError("source.ready_marker: a file name inside the version directory, not a path")
+    if not -1 <= cfg.admin.port < 65536:
+        raise ConfigError(f"admin.port: {cfg.admin.port} is not a port (-1 turns the endpoint off)")
     if cfg.limits.max_queued < 1:
         raise ConfigError("limits.max_queued: must be at least 1")
     if cfg.log.format not in ("text", "json"):

@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router.batcher import BatchKey, Batcher
-from router.control import Control
+from router.control.registry import Registry
 from common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import batch_rows
@@ -36,7 +36,7 @@ RetryHook = Callable[[str, str], None]
 
 
 class DataPlane:
-    def __init__(self, control: Control, pool: Pool, *, on_retry: RetryHook | None = None,
+    def __init__(self, control: Registry, pool: Pool, *, on_retry: RetryHook | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
         self.pool = pool

@@ -82,7 +82,7 @@ _TF_LE: tuple[str, ...] = tuple(f"{b:g}" for b in TF_LATENCY_BOUNDS_US) + ("+Inf
 _TF_APIS = frozenset({"Predict", "Classify", "Regress"})
 _ENTRYPOINT = {"grpc": "GRPC", "rest": "REST"}
 
-STATES: tuple[str, ...] = ("starting", "loading", "ready", "draining", "dead")
+STATES: tuple[str, ...] = ("starting", "loading", "warming", "ready", "draining", "unloading", "drained", "dead")
 TRIGGERS: tuple[str, ...] = ("full", "slot_freed", "timeout")
 _STATE_SET = frozenset(STATES)
 
@@ -95,6 +95,7 @@ _QUEUE_WAIT_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0,
 )
+_PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _BATCH_REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
@@ -102,6 +103,19 @@ _BATCH_REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 # two lines have the name followed by a space (samples have "{").
 _MUNGED_HEADER = (TF_REQUEST_COUNT + "_total ").encode()
 _EXACT_HEADER = (TF_REQUEST_COUNT + " ").encode()
+
+
+class _Callback(Collector):
+    """Families built by a function at scrape time."""
+
+    def __init__(self, read: Callable[[], Iterable[Metric]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        return self._read()
 
 
 class _TfHistogram:
@@ -261,8 +275,29 @@ class Metrics:
             "tfs_router_batches", "Batches dispatched, by what closed them.",
             ("model", "trigger"), registry=r,
         )
+        self._rollout_phase = Histogram(
+            "tfs_router_rollout_phase_seconds",
+            "Time a worker spent in one phase of a rollout step (drain, load, warm, unload, retire), "
+            "and whole rollouts (phase=rollout).",
+            ("phase",), buckets=_PHASE_BUCKETS, registry=r,
+        )
+        self._rollouts = Counter(
+            "tfs_router_rollouts", "Rollouts finished, by result (done, rolled_back).",
+            ("result",), registry=r,
+        )
+        for result in ("done", "rolled_back"):
+            self._rollouts.labels(result)
+        self._rollout_active = Gauge(
+            "tfs_router_rollout_in_progress", "1 while a rollout runs.", registry=r,
+        )
+        self._versions_failed = Counter(
+            "tfs_router_versions_failed", "Versions given up on (failed load or warm-up; the pool rolled back).",
+            registry=r,
+        )
         self._tf = _TfServingCollector()
         r.register(self._tf)
+        self._control: Callable[[], Iterable[Metric]] | None = None
+        r.register(_Callback(lambda: self._control() if self._control else ()))
 
         self._request_slots: dict[tuple[str, str, str, str], _RequestSlot] = {}
         self._inflight_children: dict[str, Gauge] = {}
@@ -413,6 +448,26 @@ class Metrics:
             padding.inc(padding_rows)
         for wait in queue_waits:
             queue_wait.observe(wait)
+
+    # -- rollouts -------------------------------------------------------------
+
+    def rollout_started(self) -> None:
+        self._rollout_active.set(1)
+
+    def rollout_finished(self, result: str, seconds: float) -> None:
+        self._rollout_active.set(0)
+        self._rollouts.labels(result).inc()
+        self._rollout_phase.labels("rollout").observe(seconds)
+
+    def rollout_phase(self, phase: str, seconds: float) -> None:
+        self._rollout_phase.labels(phase).observe(seconds)
+
+    def version_failed(self) -> None:
+        self._versions_failed.inc()
+
+    def track_control(self, read: Callable[[], Iterable[Metric]]) -> None:
+        """Series computed from the control plane's state at scrape time (versions held, defaults)."""
+        self._control = read
 
     # -- exposition -----------------------------------------------------------
 

@@ -1,8 +1,14 @@
 """Worker membership and state as the router sees it, and the transport seam.
 
-A ``Backend`` is one worker: its address, its state (starting, loading,
-ready, draining, dead), which model versions it holds and how many requests
-it has in flight.  All calls to it go through a ``Transport``: the real one
+A ``Backend`` is one worker: its address, its state, which model versions it
+holds (and has warmed) and how many requests it has in flight.  Only a
+``ready`` worker is in rotation; every other state keeps it out:
+
+    starting   connected (or connecting), holds nothing the router knows of
+    draining   taken out of rotation, waiting for its in-flight calls
+    loading / warming / unloading   a control-plane step runs on it
+    drained    out of rotation on an operator's request, idle
+    dead       exited or failed its health checks  All calls to it go through a ``Transport``: the real one
 speaks TF Serving's gRPC API over a grpc.aio channel (Unix socket or TCP);
 tests may substitute a fake here and only here.
 
@@ -31,10 +37,12 @@ from common.errors import DeadlineExceeded, ResourceExhausted, ServingError, Una
 
 log = logging.getLogger("router.pool")
 
-STARTING, LOADING, READY, DRAINING, DEAD = "starting", "loading", "ready", "draining", "dead"
-STATES = (STARTING, LOADING, READY, DRAINING, DEAD)
+STARTING, LOADING, WARMING, READY = "starting", "loading", "warming", "ready"
+DRAINING, UNLOADING, DRAINED, DEAD = "draining", "unloading", "drained", "dead"
+STATES = (STARTING, LOADING, WARMING, READY, DRAINING, UNLOADING, DRAINED, DEAD)
 
 MAX_MESSAGE_BYTES = 2**31 - 1
+WARMUP_METADATA = (("x-tfs-router-warmup", "1"),)
 
 
 class TransportError(Unavailable):
@@ -43,6 +51,7 @@ class TransportError(Unavailable):
 
 class Transport(Protocol):
     async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
     async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse: ...
     async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse: ...
     async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse: ...
@@ -90,14 +99,23 @@ class GrpcTransport:
                                       health_pb2.HealthCheckRequest.SerializeToString,
                                       health_pb2.HealthCheckResponse.FromString)
 
-    async def _call(self, stub: Any, request: Any, timeout: float, wait: bool = False) -> Any:
+    async def _call(self, stub: Any, request: Any, timeout: float, wait: bool = False,
+                    metadata: tuple[tuple[str, str], ...] | None = None) -> Any:
         try:
-            return await stub(request, timeout=timeout, wait_for_ready=wait)
+            return await stub(request, timeout=timeout, wait_for_ready=wait, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
 
     async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
         result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout)
+        return result
+
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+        # Marked, so the project's worker runs it on its idle-priority load
+        # thread and keeps it out of its client counts; any other TF Serving
+        # server ignores the key.
+        result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout,
+                                                               metadata=WARMUP_METADATA)
         return result
 
     async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse:
@@ -141,7 +159,7 @@ def _translate(exc: grpc.aio.AioRpcError) -> ServingError:
 # Bumped whenever any backend's state, versions or transport changes, so the
 # per-request view of "which versions are available" is cached between changes.
 _topology_epoch = [0]
-_TOPOLOGY_FIELDS = frozenset({"state", "versions", "transport"})
+_TOPOLOGY_FIELDS = frozenset({"state", "versions", "transport", "surge"})
 
 
 @dataclass(eq=False)
@@ -166,6 +184,12 @@ class Backend:
     # model -> version -> that version's status on this worker
     versions: dict[str, dict[int, status_pb2.ModelVersionStatus]] = field(default_factory=dict)
     generation: int = 0  # bumps on every (re)start, so stale syncs can tell
+    # model -> versions warmed on this process (cleared when it restarts)
+    warm: dict[str, frozenset[int]] = field(default_factory=dict)
+    cordoned: bool = False  # drained by an operator: stays out of rotation until undrained
+    surge: bool = False  # an extra worker started for a rollout, retired after it
+    index: int = -1  # the supervisor's index (spawned workers)
+    pid: int | None = None
 
     def holds(self, model: str, version: int) -> bool:
         status = self.versions.get(model, {}).get(version)
@@ -173,6 +197,10 @@ class Backend:
 
     def available(self, model: str) -> set[int]:
         return {v for v, s in self.versions.get(model, {}).items() if s.state == status_pb2.ModelVersionStatus.AVAILABLE}
+
+    def held(self) -> dict[str, frozenset[int]]:
+        """Every model's AVAILABLE versions on this worker."""
+        return {m: frozenset(self.available(m)) for m in self.versions}
 
     @property
     def routable(self) -> bool:
@@ -220,6 +248,25 @@ class Pool:
             if b.name == name:
                 return b
         raise KeyError(name)
+
+    def add(self, backend: Backend) -> None:
+        self.backends.append(backend)
+        _topology_epoch[0] += 1
+
+    def remove(self, backend: Backend) -> None:
+        self.backends.remove(backend)
+        backend.state = DEAD
+        self.fail_waiters()
+
+    async def wait_idle(self, backend: Backend, timeout: float) -> bool:
+        """Wait until ``backend`` (already out of rotation) has nothing in flight; False on timeout."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while backend.inflight > 0:
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.005)  # a control-plane wait: polling keeps the hot path free of it
+        return True
 
     def available_versions(self, model: str) -> set[int]:
         """Versions of ``model`` some routable worker holds (cached until a backend changes)."""

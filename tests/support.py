@@ -186,7 +186,7 @@ class RouterProcess(_ChildProcess):
         import yaml
 
         stamp = time.monotonic_ns()
-        config = {"grpc": {"port": 0}, "rest": {"port": 0}, **config}
+        config = {"grpc": {"port": 0}, "rest": {"port": 0}, "admin": {"port": 0}, **config}
         self.config_path = log_dir / f"router-{stamp}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self._start([sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],

@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router import log as rlog
 from router.config import Config
-from router.control import Control
+from router.control.registry import Registry
 from router.dataplane import DataPlane
 from common.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
@@ -60,7 +60,7 @@ def _to_json(message: Any) -> dict[str, Any]:
 
 
 class RestFrontend:
-    def __init__(self, config: Config, dataplane: DataPlane, control: Control, metrics: Metrics) -> None:
+    def __init__(self, config: Config, dataplane: DataPlane, control: Registry, metrics: Metrics) -> None:
         self.config = config
         self.dp = dataplane
         self.control = control

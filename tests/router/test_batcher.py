@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2, types_pb2
 from router.batcher import FULL, SLOT_FREED, TIMEOUT, BatchKey, Batcher, BatchQueue, Pending
 from router.config import BatchingConfig
-from router.control import Control
+from router.control.registry import Registry
 from router.dataplane import DataPlane
 from common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
 from router.metrics import Metrics
@@ -323,7 +323,7 @@ def harness(n_backends: int = 1, max_inflight: int = 1, dead: tuple[int, ...] = 
     ]
     pool = Pool(backends, max_queued=64, rng=random.Random(seed))
     registry = CollectorRegistry()
-    dispatch = DataPlane(cast(Control, None), pool).dispatch  # dispatch only uses the pool
+    dispatch = DataPlane(cast(Registry, None), pool).dispatch  # dispatch only uses the pool
     batcher = Batcher(pool, dispatch, Metrics(registry))
     return Harness(settings, fakes, backends, pool, registry, batcher)
 

@@ -21,7 +21,9 @@ def test_static_workers_are_synced_and_served(model_root: Path, logs_dir: Path) 
             "models": [{"name": "ctr", "base_path": str(model_root / "ctr"), "version_policy": "specific:1"}],
             "workers": {"mode": "static", "addresses": [s.address for s in servers]},
         }, log_dir=logs_dir)
-        router.wait_ready()
+        router.wait_ready()  # ready once one server serves; the other may still be loading
+        for s in servers:
+            s.wait_serving()
         stub = prediction_service_pb2_grpc.PredictionServiceStub(router.channel)
         x = example_inputs(3, vocab=TEST_VOCAB)
         resp = stub.Predict(predict_request("ctr", x), timeout=30)

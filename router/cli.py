@@ -1,0 +1,213 @@
+"""The operator's commands: clients of the admin endpoint (``router/frontends/admin.py``).
+
+    tfs-router status                          pool, models and the running rollout, as tables
+    tfs-router rollout MODEL [--version V] [--watch]
+    tfs-router rollback MODEL [--version V] [--watch]
+    tfs-router abort
+    tfs-router drain WORKER / undrain WORKER
+
+``--admin URL`` (default ``http://127.0.0.1:8502``, or ``TFS_ROUTER_ADMIN_URL``)
+says where the router's admin endpoint is; the token comes from
+``TFS_ROUTER_ADMIN_TOKEN``.  ``--watch`` prints the rollout's progress,
+worker by worker and phase by phase, until it ends, and exits 0 when it
+completed, 1 when it was rolled back.  Plain HTTP with the standard
+library: these commands start in milliseconds and need nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import IO, Any
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8502"
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+class AdminError(Exception):
+    """The admin endpoint could not be reached or refused the command."""
+
+
+class AdminClient:
+    def __init__(self, url: str, token: str = "", timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                result: dict[str, Any] = json.loads(resp.read() or b"{}")
+                return result
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", exc.reason)
+            except ValueError:
+                message = exc.reason
+            raise AdminError(f"{exc.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"cannot reach the admin endpoint at {self.url} ({reason}); "
+                             "is the router running, and is --admin right?") from None
+
+    def status(self) -> dict[str, Any]:
+        return self.call("GET", "/v1/admin/status")
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _versions(by_model: dict[str, dict[str, str]]) -> str:
+    parts = []
+    for model, versions in by_model.items():
+        shown = [f"{v}" if s == "AVAILABLE" else f"{v}:{s.lower()}" for v, s in versions.items()]
+        parts.append(f"{model} {','.join(shown) or '-'}")
+    return "; ".join(parts) or "-"
+
+
+def _at(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def render_status(status: dict[str, Any]) -> str:
+    out = []
+    workers = [[w["name"] + (" (surge)" if w.get("surge") else ""), w["state"], "yes" if w["in_rotation"] else "no",
+                w.get("pid") or "-", w["inflight"], _versions(w["versions"]), w.get("step") or "-"]
+               for w in status["workers"]]
+    out.append(table(["worker", "state", "in rotation", "pid", "in flight", "versions", "step"], workers))
+    models = [[m["name"], m["default_version"] if m["default_version"] is not None else "-",
+               ",".join(map(str, m["serving"])) or "-", ",".join(map(str, m["complete_on_disk"])) or "-",
+               ",".join(f"{v} ({why})" for v, why in m["failed"].items()) or "-",
+               ",".join(map(str, m["pinned"])) if m["pinned"] else "-"]
+              for m in status["models"]]
+    out.append("")
+    out.append(table(["model", "default", "serving", "on disk", "failed", "pinned"], models))
+    rollout = status.get("rollout")
+    out.append("")
+    if rollout:
+        out.append(describe_rollout(rollout))
+        if rollout.get("workers"):
+            out.append(table(["worker", "phase"], [[w, p] for w, p in sorted(rollout["workers"].items())]))
+    else:
+        out.append("no rollout running")
+    if status.get("history"):
+        last = status["history"][-1]
+        out.append(f"last rollout: {describe_rollout(last)}")
+    return "\n".join(out)
+
+
+def describe_rollout(r: dict[str, Any]) -> str:
+    changes = ", ".join(f"{m} {r['from'].get(m, [])} -> {r['to'].get(m, [])}" for m in sorted({*r["from"], *r["to"]})
+                        if r["from"].get(m) != r["to"].get(m))
+    text = (f"rollout {r['id']} [{r['state']}] {changes or 'no change'}: phase {r['phase']}"
+            f"{' (switched)' if r['switched'] else ''}, {r['strategy']}/{r['mode']}"
+            f"{', surge' if r['surge'] else ''}, started {_at(r['started'])}")
+    if r.get("ended"):
+        text += f", ended {_at(r['ended'])} ({r['ended'] - r['started']:.1f}s)"
+    if r.get("error"):
+        text += f"\n  error: {r['error']}"
+    if r.get("blocked"):
+        text += f"\n  waiting: {r['blocked']}"
+    return text
+
+
+def event_line(event: dict[str, Any], started: float) -> str:
+    who = event["worker"] or "pool"
+    return f"{event['time'] - started:7.2f}s  {who:<6} {event['phase']:<9} {event['message']}"
+
+
+# -- watching ----------------------------------------------------------------------
+
+
+def watch(client: AdminClient, rollout_id: int, out: IO[str], interval: float = 0.5,
+          sleep: Callable[[float], None] = time.sleep) -> int:
+    """Print the rollout's events as they happen; EXIT_OK when it completed, EXIT_FAILED otherwise."""
+    shown = 0
+    while True:
+        status = client.status()
+        candidates = [status["rollout"], *reversed(status.get("history", []))]
+        rollout = next((r for r in candidates if r and r["id"] == rollout_id), None)
+        if rollout is None:
+            raise AdminError(f"rollout {rollout_id} is not known to the router (restarted?)")
+        for event in rollout["events"][shown:]:
+            print(event_line(event, rollout["started"]), file=out, flush=True)
+        shown = len(rollout["events"])
+        if rollout["state"] != "running":
+            print(describe_rollout(rollout), file=out, flush=True)
+            return EXIT_OK if rollout["state"] == "done" else EXIT_FAILED
+        sleep(interval)
+
+
+# -- the commands --------------------------------------------------------------------
+
+
+def add_commands(sub: Any) -> None:
+    def admin_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--admin", default=os.environ.get("TFS_ROUTER_ADMIN_URL", DEFAULT_ADMIN_URL),
+                       help=f"the router's admin endpoint (default {DEFAULT_ADMIN_URL}; token from "
+                            "TFS_ROUTER_ADMIN_TOKEN)")
+
+    p = sub.add_parser("status", help="workers, models and rollouts of a running router")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    admin_flags(p)
+    for name, text in (("rollout", "roll a model out to a version (default: what its policy says)"),
+                       ("rollback", "roll a model back (default: to the version before the last rollout)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        p.add_argument("--version", type=int, help="the version to serve")
+        p.add_argument("--watch", action="store_true", help="follow the rollout until it ends; exit 1 if rolled back")
+        admin_flags(p)
+    p = sub.add_parser("abort", help="roll the running rollout back")
+    p.add_argument("--watch", action="store_true", help="follow the rollback until it ends")
+    admin_flags(p)
+    for name in ("drain", "undrain"):
+        p = sub.add_parser(name, help=f"{name} a worker (out of / back into rotation)")
+        p.add_argument("worker")
+        admin_flags(p)
+
+
+def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
+    client = AdminClient(args.admin, os.environ.get("TFS_ROUTER_ADMIN_TOKEN", ""))
+    try:
+        if args.command == "status":
+            status = client.status()
+            print(json.dumps(status, indent=2) if args.json else render_status(status), file=out)
+            return EXIT_OK
+        if args.command in ("rollout", "rollback"):
+            body = {"version": args.version} if args.version is not None else {}
+            result = client.call("POST", f"/v1/admin/models/{args.model}/{args.command}", body)
+            rollout = result.get("rollout")
+            if rollout is None:
+                print(result.get("message", "nothing to do"), file=out)
+                return EXIT_OK
+            print(f"rollout {rollout['id']} started: {describe_rollout(rollout).splitlines()[0]}", file=out)
+            return watch(client, rollout["id"], out) if args.watch else EXIT_OK
+        if args.command == "abort":
+            rollout = client.call("POST", "/v1/admin/rollout/abort")["rollout"]
+            print(f"rollout {rollout['id']}: rolling back", file=out)
+            return watch(client, rollout["id"], out) if args.watch else EXIT_OK
+        result = client.call("POST", f"/v1/admin/workers/{args.worker}/{args.command}")
+        print(f"{result['worker']}: {result['state']}", file=out)
+        return EXIT_OK
+    except AdminError as exc:
+        print(f"tfs-router {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR

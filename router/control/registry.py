@@ -1,0 +1,173 @@
+"""What the data plane asks the control plane: which version answers a request.
+
+The registry holds, per model, the version that unversioned requests get
+(``default``), the versions the control plane means to serve (``aspired``,
+so a request for one not loaded yet is UNAVAILABLE rather than NOT_FOUND),
+the versions that failed (reported as END with their error, as TF Serving
+does), and the signatures of every loaded version (fetched once per
+version, so requests are validated before they cost a worker anything).
+
+The default version moves only by ``switch``, one assignment on the event
+loop: unversioned traffic moves from one version to the next at a single
+instant for the whole pool, so no client sees the new version and then the
+old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.errors import InvalidArgument, NotFound, Unavailable
+from common.signature import Signature
+from protos import metadata_pb2, model_pb2, status_pb2
+from router.config import Config, ModelConfig
+from router.pool import DEAD, Pool, Transport
+
+log = logging.getLogger("router.control.registry")
+
+State = status_pb2.ModelVersionStatus
+# Which state wins when workers disagree about a version.
+_STATE_RANK = {State.AVAILABLE: 5, State.LOADING: 4, State.START: 3, State.UNLOADING: 2, State.END: 1, State.UNKNOWN: 0}
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    model: str
+    version: int
+    signature_def_map: metadata_pb2.SignatureDefMap
+    signatures: dict[str, Signature]
+
+
+class Registry:
+    def __init__(self, config: Config, pool: Pool, *, rpc_timeout: float = 300.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.pool = pool
+        self.rpc_timeout = rpc_timeout
+        self._models = {m.name: m for m in config.models}
+        self.default: dict[str, int | None] = {m.name: None for m in config.models}
+        self.aspired: dict[str, tuple[int, ...]] = {m.name: () for m in config.models}
+        # (model, version) -> (canonical error code number, message)
+        self.failed: dict[tuple[str, int], tuple[int, str]] = {}
+        self.switched_at: dict[str, float] = {}
+        self._meta: dict[tuple[str, int], VersionMeta] = {}
+        self._clock = clock
+
+    def model(self, name: str) -> ModelConfig:
+        m = self._models.get(name)
+        if m is None:
+            raise NotFound(f"Servable not found for request: Latest({name})")
+        return m
+
+    # -- the default version ---------------------------------------------------
+
+    def switch(self, model: str, version: int | None) -> None:
+        """Make ``version`` the one unversioned requests of ``model`` get, from now on."""
+        old = self.default[model]
+        if old == version:
+            return
+        self.default[model] = version
+        self.switched_at[model] = self._clock()
+        log.info("model %s: unversioned requests now go to version %s (was %s)", model, version, old)
+
+    # -- resolution --------------------------------------------------------------
+
+    def resolve(self, spec: model_pb2.ModelSpec) -> int:
+        """The version a request is served by (TF Serving's rules, over the whole pool)."""
+        model = self.model(spec.name)
+        available = self.pool.available_versions(model.name)
+        choice = spec.WhichOneof("version_choice")
+        if choice == "version":
+            version = spec.version.value
+        elif choice == "version_label":
+            label = spec.version_label
+            if label not in model.version_labels:
+                raise InvalidArgument(f"Unrecognized servable version label: {label}")
+            version = model.version_labels[label]
+        else:
+            default = self.default.get(model.name)
+            if default is not None and default in available:
+                return default
+            if default is not None or self.aspired.get(model.name):
+                raise Unavailable(f"model {model.name} has no version available right now")
+            raise NotFound(f"Servable not found for request: Latest({model.name})")
+        if version in available:
+            return version
+        if version in self.aspired.get(model.name, ()):
+            raise Unavailable(f"version {version} of model {model.name} is not available on any worker yet")
+        raise NotFound(f"Servable not found for request: Specific({model.name}, {version})")
+
+    def ready(self) -> bool:
+        """Every configured model has its default version AVAILABLE on a worker in rotation."""
+        for m in self.config.models:
+            default = self.default.get(m.name)
+            if default is None or default not in self.pool.available_versions(m.name):
+                return False
+        return True
+
+    # -- metadata ----------------------------------------------------------------
+
+    def metadata(self, model: str, version: int) -> VersionMeta:
+        meta = self._meta.get((model, version))
+        if meta is None:
+            raise Unavailable(f"signatures of {model} version {version} are not known yet")
+        return meta
+
+    def known(self, model: str, version: int) -> bool:
+        return (model, version) in self._meta
+
+    async def fetch_metadata(self, transport: Transport, model: str, version: int) -> VersionMeta:
+        meta = self._meta.get((model, version))
+        if meta is not None:
+            return meta
+        req = metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req.model_spec.name = model
+        req.model_spec.version.value = version
+        resp = await transport.metadata(req, self.rpc_timeout)
+        sigmap = metadata_pb2.SignatureDefMap.FromString(resp.metadata["signature_def"].value)
+        signatures = {name: Signature.from_def(name, sig) for name, sig in sigmap.signature_def.items()
+                      if sig.method_name}  # skip __saved_model_init_op and friends
+        meta = self._meta[(model, version)] = VersionMeta(model, version, sigmap, signatures)
+        return meta
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self, spec: model_pb2.ModelSpec) -> status_pb2.GetModelStatusResponse:
+        """One status per version, aggregated over the pool: AVAILABLE if any worker serves it.
+
+        A version the control plane gave up on (its load or warm-up failed and
+        the pool went back) is END with that error, unless a worker serves it.
+        """
+        model = self.config.model(spec.name)
+        if model is None:
+            raise NotFound(f"Could not find any versions of model {spec.name}")
+        merged: dict[int, status_pb2.ModelVersionStatus] = {}
+        for b in self.pool.backends:
+            if b.state == DEAD:
+                continue
+            for version, st in b.versions.get(model.name, {}).items():
+                have = merged.get(version)
+                if have is None or _STATE_RANK[st.state] > _STATE_RANK[have.state]:
+                    merged[version] = st
+        for (name, version), (code, message) in self.failed.items():
+            if name == model.name and (version not in merged or merged[version].state != State.AVAILABLE):
+                failed = State(version=version, state=State.END)
+                failed.status.error_code = code  # type: ignore[assignment]
+                failed.status.error_message = message
+                merged[version] = failed
+        choice = spec.WhichOneof("version_choice")
+        if choice == "version_label":
+            if spec.version_label not in model.version_labels:
+                raise InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
+            wanted: int | None = model.version_labels[spec.version_label]
+        else:
+            wanted = spec.version.value if choice == "version" else None
+        versions = sorted(merged) if wanted is None else [v for v in merged if v == wanted]
+        if not versions:
+            if wanted is not None:
+                raise NotFound(f"Could not find version {wanted} of model {model.name}")
+            raise NotFound(f"Could not find any versions of model {model.name}")
+        return status_pb2.GetModelStatusResponse(model_version_status=[merged[v] for v in versions])

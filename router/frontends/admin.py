@@ -1,0 +1,175 @@
+"""The admin endpoint: pool and rollout status, and the operator's commands.
+
+    GET  /v1/admin/status                          workers, models, the running rollout, history
+    POST /v1/admin/models/{model}/rollout          {"version": V}: roll out V (retrying it if it failed);
+                                                   {}: follow the version policy again (retry failed versions)
+    POST /v1/admin/models/{model}/rollback         {"version": V} or {}: back to the previous version
+    POST /v1/admin/rollout/abort                   roll the running rollout back (before its switch)
+    POST /v1/admin/workers/{worker}/drain          out of rotation until undrained
+    POST /v1/admin/workers/{worker}/undrain
+
+It listens on 127.0.0.1:8502 by default (``admin.host``, ``admin.port``).
+With ``TFS_ROUTER_ADMIN_TOKEN`` set, every request needs ``Authorization:
+Bearer <token>`` (401 otherwise); without a token it refuses to start on any
+address but a loopback one.  Errors are ``{"error": "..."}`` with 400 (bad
+request), 404 (no such model or worker) or 409 (does not fit the rollout's
+state).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from common.errors import BindError
+from router.config import AdminConfig, ConfigError
+from router.control.rollout import Controller, RolloutBusy
+
+log = logging.getLogger("router.admin")
+
+TOKEN_ENV = "TFS_ROUTER_ADMIN_TOKEN"
+JSON = "application/json"
+
+
+def admin_token() -> str:
+    return os.environ.get(TOKEN_ENV, "")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+
+
+def _error(message: str, status: int) -> web.Response:
+    return _json({"error": message}, status)
+
+
+class AdminFrontend:
+    def __init__(self, config: AdminConfig, controller: Controller, *, token: str) -> None:
+        if config.port >= 0 and not token and not is_loopback(config.host):
+            raise ConfigError(f"admin.host: {config.host} is not a loopback address; set {TOKEN_ENV} "
+                              "to a secret token to expose the admin endpoint there")
+        self.config = config
+        self.controller = controller
+        self._token = token.encode()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.port}"
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._token:
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self._token):
+                return _error("missing or wrong admin token (Authorization: Bearer ...)", 401)
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except RolloutBusy as exc:
+            return _error(str(exc), 409)
+        except (ValueError, KeyError) as exc:
+            return _error(str(exc).strip("'\""), 400)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        unknown = set(body) - {"version"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; only 'version' is accepted")
+        version = body.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+            raise ValueError(f"version must be a non-negative integer, got {version!r}")
+        return body
+
+    def _model(self, request: web.Request) -> str:
+        name = request.match_info["model"]
+        if self.controller.config.model(name) is None:
+            raise web.HTTPNotFound(body=orjson.dumps({"error": f"no model named {name!r}"}), content_type=JSON)
+        return name
+
+    def _started(self, rollout: Any, what: str) -> web.Response:
+        if rollout is None:
+            return _json({"rollout": None, "message": f"nothing to do: {what} is already served"})
+        return _json({"rollout": rollout.to_json()}, 202)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return _json(self.controller.status())
+
+    async def _rollout(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        version = (await self._body(request)).get("version")
+        rollout = self.controller.request(model, version, "requested by an operator")
+        return self._started(rollout, f"{model} version {version}" if version is not None else model)
+
+    async def _rollback(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        version = (await self._body(request)).get("version")
+        rollout = self.controller.rollback(model, version)
+        return self._started(rollout, f"{model}'s previous version")
+
+    async def _abort(self, request: web.Request) -> web.Response:
+        rollout = self.controller.abort()
+        return _json({"rollout": rollout.to_json()}, 202)
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        name = request.match_info["worker"]
+        cordon = request.match_info["action"] == "drain"
+        try:
+            backend = self.controller.drain(name, cordon)
+        except KeyError:
+            return _error(f"no worker named {name!r}", 404)
+        return _json({"worker": backend.name, "state": backend.state, "cordoned": backend.cordoned})
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024)
+        app.router.add_get("/v1/admin/status", self._status)
+        app.router.add_post("/v1/admin/models/{model}/rollout", self._rollout)
+        app.router.add_post("/v1/admin/models/{model}/rollback", self._rollback)
+        app.router.add_post("/v1/admin/rollout/abort", self._abort)
+        app.router.add_post("/v1/admin/workers/{worker}/{action:drain|undrain}", self._drain)
+        return app
+
+    async def start(self) -> None:
+        if self.config.port < 0:
+            return
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise BindError(f"cannot listen for the admin API on {self.config.host}:{self.config.port} "
+                            f"({exc.strerror}); choose another with --admin-port or admin.port") from exc
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        log.info("admin API on %s (%s)", self.url, "token required" if self._token else "loopback, no token")
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()

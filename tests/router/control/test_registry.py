@@ -1,0 +1,221 @@
+"""router.control.registry: resolution (the default version), status aggregation, signatures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Unavailable,
+)
+from protos import model_pb2, predict_pb2, status_pb2, tensor_pb2, types_pb2
+from router.config import Config, from_dict
+from router.control.registry import Registry
+from router.dataplane import DataPlane
+from router.pool import DEAD, LOADING, READY, STARTING, Backend, Pool, Transport, TransportError
+from tests.router.fakes import FakeTransport, Outcome
+
+T = TypeVar("T")
+State = status_pb2.ModelVersionStatus
+AVAILABLE, END, LOADING_V = State.AVAILABLE, State.END, State.LOADING
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def config(*models: dict[str, Any]) -> Config:
+    return from_dict({"models": list(models) or [{"name": "m", "base_path": "/models/m"}]})
+
+
+def vstatus(version: int, state: int = AVAILABLE, error: str = "") -> status_pb2.ModelVersionStatus:
+    s = State(version=version, state=state)
+    if error:
+        s.status.error_code = status_pb2.UNKNOWN
+        s.status.error_message = error
+    return s
+
+
+def backend(name: str, held: dict[str, dict[int, int]] | None = None, *, state: str = READY,
+            max_inflight: int = 4, transport: FakeTransport | None = None) -> Backend:
+    versions = {m: {v: vstatus(v, s) for v, s in vs.items()} for m, vs in (held or {}).items()}
+    return Backend(name, f"unix:/tmp/{name}.sock", max_inflight, transport=transport or FakeTransport(name),
+                   state=state, versions=versions)
+
+
+def fake(b: Backend) -> FakeTransport:
+    assert isinstance(b.transport, FakeTransport)
+    return b.transport
+
+
+def make_pool(*backends: Backend, max_queued: int = 16) -> Pool:
+    return Pool(backends, max_queued=max_queued, rng=random.Random(0))
+
+
+def spec(name: str = "m", version: int | None = None, label: str | None = None) -> model_pb2.ModelSpec:
+    s = model_pb2.ModelSpec(name=name)
+    if version is not None:
+        s.version.value = version
+    if label is not None:
+        s.version_label = label
+    return s
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 5))
+
+
+def soon(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+# -- resolve -------------------------------------------------------------------------------------
+
+
+def resolver(aspire: tuple[int, ...] = (1, 2, 3, 4)) -> Registry:
+    a = backend("a", {"m": {1: AVAILABLE, 2: AVAILABLE, 3: LOADING_V}})
+    b = backend("b", {"m": {3: AVAILABLE}}, state=DEAD)
+    c = backend("c", {"m": {2: AVAILABLE}})
+    cfg = config({"name": "m", "base_path": "/m", "version_labels": {"stable": 1, "canary": 4, "gone": 9}},
+                 {"name": "empty", "base_path": "/e"})
+    control = Registry(cfg, make_pool(a, b, c))
+    control.aspired = {"m": aspire, "empty": ()}
+    return control
+
+
+def test_resolve_unversioned_is_the_default_version_not_the_highest() -> None:
+    control = resolver()
+    control.switch("m", 1)
+    assert control.resolve(spec()) == 1  # 2 is available too: only a switch moves unversioned traffic
+    control.switch("m", 3)
+    with pytest.raises(Unavailable, match="no version available right now"):
+        control.resolve(spec())  # 3 is only on a dead worker or still loading: never another version instead
+    control.pool.by_name("b").state = READY
+    assert control.resolve(spec()) == 3
+
+
+def test_switch_records_when() -> None:
+    now = [100.0]
+    control = Registry(config(), make_pool(), clock=lambda: now[0])
+    control.switch("m", 1)
+    now[0] = 105.0
+    control.switch("m", 1)  # no change, no new time
+    assert control.switched_at == {"m": 100.0} and control.default == {"m": 1}
+
+
+def test_resolve_explicit_version() -> None:
+    control = resolver()
+    assert control.resolve(spec(version=1)) == 1
+    with pytest.raises(Unavailable, match="version 3 of model m"):
+        control.resolve(spec(version=3))  # aspired, loading
+    with pytest.raises(NotFound, match=r"Specific\(m, 7\)"):
+        control.resolve(spec(version=7))
+
+
+def test_resolve_labels() -> None:
+    control = resolver()
+    assert control.resolve(spec(label="stable")) == 1
+    with pytest.raises(Unavailable):
+        control.resolve(spec(label="canary"))  # names aspired version 4, not loaded anywhere
+    with pytest.raises(NotFound):
+        control.resolve(spec(label="gone"))
+    with pytest.raises(InvalidArgument, match="Unrecognized servable version label: beta"):
+        control.resolve(spec(label="beta"))
+
+
+def test_resolve_unknown_model_is_not_found() -> None:
+    with pytest.raises(NotFound, match=r"Latest\(nope\)"):
+        resolver().resolve(spec("nope"))
+    with pytest.raises(NotFound):
+        resolver().resolve(spec("nope", version=1))
+
+
+def test_resolve_latest_with_nothing_available() -> None:
+    control = resolver()
+    with pytest.raises(NotFound, match=r"Latest\(empty\)"):
+        control.resolve(spec("empty"))  # nothing on disk either
+    control.aspired["empty"] = (1,)
+    with pytest.raises(Unavailable, match="no version available right now"):
+        control.resolve(spec("empty"))
+
+
+def test_ready_needs_every_models_default_on_a_worker_in_rotation() -> None:
+    control = resolver()
+    control.switch("m", 2)
+    assert not control.ready()  # "empty" has no default yet
+    c = control.pool.by_name("c")
+    c.versions = {**c.versions, "empty": {1: vstatus(1)}}  # versions are replaced, never mutated
+    control.switch("empty", 1)
+    assert control.ready()
+    control.switch("m", 3)
+    assert not control.ready()  # 3 only on a dead worker
+
+
+def test_failed_version_is_reported_end_with_its_error() -> None:
+    control = resolver()
+    control.failed[("m", 4)] = (9, "warm-up of m version 4 failed: non-finite output")
+    control.failed[("m", 1)] = (13, "ignored: version 1 is AVAILABLE on a worker")
+    got = {s.version: (s.state, s.status.error_code, s.status.error_message)
+           for s in control.status(spec()).model_version_status}
+    assert got[4] == (END, 9, "warm-up of m version 4 failed: non-finite output")
+    assert got[1] == (AVAILABLE, 0, "")
+
+
+# -- status aggregation ------------------------------------------------------------------------------
+
+
+def status_control() -> Registry:
+    a = backend("a")
+    a.versions = {"m": {1: vstatus(1), 2: vstatus(2, END, "load failed on a"),
+                        3: vstatus(3, END, "load failed"), 4: vstatus(4, END, "broken")}}
+    b = backend("b", state=LOADING)
+    b.versions = {"m": {2: vstatus(2), 3: vstatus(3, LOADING_V)}}
+    dead = backend("dead", state=DEAD)
+    dead.versions = {"m": {4: vstatus(4), 5: vstatus(5)}}
+    cfg = config({"name": "m", "base_path": "/m", "version_labels": {"stable": 2, "old": 7}},
+                 {"name": "n", "base_path": "/n"})
+    return Registry(cfg, make_pool(a, b, dead))
+
+
+def test_status_aggregates_over_workers() -> None:
+    resp = status_control().status(spec())
+    got = {s.version: (State.State.Name(s.state), s.status.error_message) for s in resp.model_version_status}
+    assert got == {
+        1: ("AVAILABLE", ""),
+        2: ("AVAILABLE", ""),  # available on b wins over a's failure
+        3: ("LOADING", ""),  # still loading on b: not an error yet
+        4: ("END", "broken"),  # nobody has it better (the dead worker does not count)
+    }
+    assert [s.version for s in resp.model_version_status] == [1, 2, 3, 4]
+
+
+def test_status_of_one_version() -> None:
+    control = status_control()
+    only = control.status(spec(version=4)).model_version_status
+    assert [(s.version, s.state, s.status.error_message) for s in only] == [(4, END, "broken")]
+    assert [s.version for s in control.status(spec(label="stable")).model_version_status] == [2]
+    with pytest.raises(NotFound, match="version 5 of model m"):
+        control.status(spec(version=5))  # only the dead worker had it
+    with pytest.raises(NotFound, match="version 7"):
+        control.status(spec(label="old"))
+    with pytest.raises(InvalidArgument, match="label: new"):
+        control.status(spec(label="new"))
+
+
+def test_status_unknown_or_unloaded_model() -> None:
+    control = status_control()
+    with pytest.raises(NotFound, match="any versions of model nope"):
+        control.status(spec("nope"))
+    with pytest.raises(NotFound, match="any versions of model n"):
+        control.status(spec("n"))
+
+

@@ -1,0 +1,282 @@
+"""DataPlane.dispatch: a slot on a worker, the remaining deadline, one retry elsewhere; normalization."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Unavailable,
+)
+from protos import model_pb2, predict_pb2, status_pb2, tensor_pb2, types_pb2
+from router.config import Config, from_dict
+from router.control import sync
+from router.control.registry import Registry
+from router.dataplane import DataPlane
+from router.pool import DEAD, LOADING, READY, STARTING, Backend, Pool, Transport, TransportError
+from tests.router.fakes import FakeTransport, Outcome
+
+T = TypeVar("T")
+State = status_pb2.ModelVersionStatus
+AVAILABLE, END, LOADING_V = State.AVAILABLE, State.END, State.LOADING
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def config(*models: dict[str, Any]) -> Config:
+    return from_dict({"models": list(models) or [{"name": "m", "base_path": "/models/m"}]})
+
+
+def vstatus(version: int, state: int = AVAILABLE, error: str = "") -> status_pb2.ModelVersionStatus:
+    s = State(version=version, state=state)
+    if error:
+        s.status.error_code = status_pb2.UNKNOWN
+        s.status.error_message = error
+    return s
+
+
+def backend(name: str, held: dict[str, dict[int, int]] | None = None, *, state: str = READY,
+            max_inflight: int = 4, transport: FakeTransport | None = None) -> Backend:
+    versions = {m: {v: vstatus(v, s) for v, s in vs.items()} for m, vs in (held or {}).items()}
+    return Backend(name, f"unix:/tmp/{name}.sock", max_inflight, transport=transport or FakeTransport(name),
+                   state=state, versions=versions)
+
+
+def fake(b: Backend) -> FakeTransport:
+    assert isinstance(b.transport, FakeTransport)
+    return b.transport
+
+
+def make_pool(*backends: Backend, max_queued: int = 16) -> Pool:
+    return Pool(backends, max_queued=max_queued, rng=random.Random(0))
+
+
+def spec(name: str = "m", version: int | None = None, label: str | None = None) -> model_pb2.ModelSpec:
+    s = model_pb2.ModelSpec(name=name)
+    if version is not None:
+        s.version.value = version
+    if label is not None:
+        s.version_label = label
+    return s
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 5))
+
+
+def soon(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+# -- DataPlane.dispatch: retries -------------------------------------------------------------------
+
+
+def dataplane(n: int = 2, *, script: list[Outcome] | None = None, max_inflight: int = 4,
+              clock: Callable[[], float] = time.monotonic) -> tuple[DataPlane, list[Backend], list[tuple[str, str]]]:
+    shared: list[Outcome] = [] if script is None else script
+    backends = [backend(f"w{i}", {"m": {1: AVAILABLE}}, max_inflight=max_inflight,
+                        transport=FakeTransport(f"w{i}", predict_script=shared)) for i in range(n)]
+    pool = make_pool(*backends)
+    control = Registry(config(), pool)
+    control.aspired = {"m": (1,)}
+    retries: list[tuple[str, str]] = []
+    return DataPlane(control, pool, on_retry=lambda m, why: retries.append((m, why)), clock=clock), backends, retries
+
+
+async def predict_call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
+    return await transport.predict(predict_pb2.PredictRequest(), timeout)
+
+
+def calls(backends: list[Backend]) -> list[int]:
+    return [len(fake(b).predicts) for b in backends]
+
+
+def test_dispatch_success_releases_the_slot() -> None:
+    dp, backends, retries = dataplane(2)
+
+    async def main() -> None:
+        resp = await dp.dispatch("m", 1, predict_call, soon())
+        assert "y" in resp.outputs
+        assert sum(calls(backends)) == 1 and retries == []
+        assert [b.inflight for b in backends] == [0, 0]
+
+    run(main())
+
+
+def test_dispatch_passes_the_remaining_deadline() -> None:
+    now = [100.0]
+    dp, [a], _ = dataplane(1, clock=lambda: now[0])
+
+    async def main() -> None:
+        await dp.dispatch("m", 1, predict_call, 102.5)
+        assert fake(a).timeouts == [2.5]
+
+    run(main())
+
+
+def test_dispatch_retries_once_elsewhere_on_transport_error() -> None:
+    dp, backends, retries = dataplane(2, script=[TransportError("worker unavailable: reset")])
+
+    async def main() -> None:
+        resp = await dp.dispatch("m", 1, predict_call, soon())
+        assert "y" in resp.outputs
+        assert calls(backends) == [1, 1]  # the retry went to the other worker
+        assert retries == [("m", "worker_unavailable")]
+        assert [b.inflight for b in backends] == [0, 0]
+
+    run(main())
+
+
+def test_dispatch_transport_error_without_another_holder_raises() -> None:
+    dp, backends, retries = dataplane(2, script=[TransportError("worker unavailable: reset")])
+    backends[1].versions = {"m": {2: vstatus(2)}}  # the other worker holds another version
+
+    async def main() -> None:
+        with pytest.raises(TransportError):
+            await dp.dispatch("m", 1, predict_call, soon())
+        assert calls(backends) == [1, 0] and retries == []
+        assert [b.inflight for b in backends] == [0, 0]
+
+    run(main())
+
+
+def test_dispatch_retries_only_once() -> None:
+    script: list[Outcome] = [TransportError("worker unavailable: 1"), TransportError("worker unavailable: 2")]
+    dp, backends, retries = dataplane(3, script=script)
+
+    async def main() -> None:
+        with pytest.raises(TransportError, match="2"):
+            await dp.dispatch("m", 1, predict_call, soon())
+        assert sorted(calls(backends)) == [0, 1, 1]
+        assert retries == [("m", "worker_unavailable")]
+        assert [b.inflight for b in backends] == [0, 0, 0]
+
+    run(main())
+
+
+def test_dispatch_retry_waits_for_another_worker_not_the_failed_one() -> None:
+    dp, [a, b], retries = dataplane(2, script=[TransportError("worker unavailable")], max_inflight=1)
+
+    async def main() -> None:
+        assert dp.pool.try_acquire("m", 1) is not None  # one worker busy: the call lands on the other
+        busy = a if a.inflight else b
+        free = b if busy is a else a
+        task = asyncio.ensure_future(dp.dispatch("m", 1, predict_call, soon()))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        # free failed; its slot is free again, but the retry waits for busy.
+        assert len(fake(free).predicts) == 1 and not task.done()
+        assert free.inflight == 0 and dp.pool.queued == 1
+        dp.pool.release(busy, "m")
+        await task
+        assert len(fake(busy).predicts) == 1 and len(fake(free).predicts) == 1
+        assert [a.inflight, b.inflight] == [0, 0]
+
+    run(main())
+
+
+def test_dispatch_not_found_is_retried_once_elsewhere() -> None:
+    dp, backends, retries = dataplane(2, script=[NotFound("Servable not found for request: Specific(m, 1)")])
+
+    async def main() -> None:
+        await dp.dispatch("m", 1, predict_call, soon())
+        assert calls(backends) == [1, 1]
+        assert retries == [("m", "version_moved")]
+
+    run(main())
+
+
+def test_dispatch_not_found_twice_or_alone_is_raised() -> None:
+    dp, backends, retries = dataplane(2, script=[NotFound("1"), NotFound("2")])
+
+    async def main() -> None:
+        with pytest.raises(NotFound, match="2"):
+            await dp.dispatch("m", 1, predict_call, soon())
+        assert calls(backends) == [1, 1]
+
+    run(main())
+    dp, backends, retries = dataplane(1, script=[NotFound("gone")])
+    with pytest.raises(NotFound):
+        run(dp.dispatch("m", 1, predict_call, soon()))
+    assert retries == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidArgument("input 'x' expects dtype DT_FLOAT"),
+        FailedPrecondition("signature not found"),
+        Unavailable("the worker itself said UNAVAILABLE"),  # not a transport failure
+        DeadlineExceeded("worker timed out"),
+    ],
+)
+def test_dispatch_other_errors_are_not_retried(error: ServingError) -> None:
+    dp, backends, retries = dataplane(2, script=[error])
+
+    async def main() -> None:
+        with pytest.raises(type(error)) as info:
+            await dp.dispatch("m", 1, predict_call, soon())
+        assert type(info.value) is type(error)
+        assert sum(calls(backends)) == 1 and retries == []
+        assert [b.inflight for b in backends] == [0, 0]
+
+    run(main())
+
+
+def test_dispatch_with_deadline_already_gone() -> None:
+    dp, backends, _ = dataplane(1)
+
+    async def main() -> None:
+        with pytest.raises(DeadlineExceeded, match="before the request reached a worker"):
+            await dp.dispatch("m", 1, predict_call, time.monotonic() - 0.001)
+        assert calls(backends) == [0] and backends[0].inflight == 0
+
+    run(main())
+
+
+def test_predict_is_normalized_before_dispatch() -> None:
+    cfg = config({"name": "m", "base_path": "/m", "version_labels": {"stable": 1},
+                  "batching": {"enabled": False}})
+    a = backend("a", state=STARTING)
+    pool = make_pool(a)
+    control = Registry(cfg, pool)
+    control.aspired = {"m": (1, 2)}
+    dp = DataPlane(control, pool)
+
+    async def main() -> None:
+        await sync.hold(a, cfg.models, {"m": frozenset({1, 2})}, control, a.generation, 5)
+        a.state = READY
+        control.switch("m", 2)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "m"
+        request.model_spec.version_label = "stable"
+        x = request.inputs["x"]
+        x.dtype = types_pb2.DT_FLOAT
+        x.tensor_shape.dim.add(size=1)
+        x.tensor_shape.dim.add(size=2)
+        x.float_val.extend([1.0, 2.0])
+        await dp.predict(request, soon())
+        [sent] = fake(a).predicts
+        assert sent.model_spec.WhichOneof("version_choice") == "version"
+        assert sent.model_spec.version.value == 1
+        assert sent.model_spec.signature_name == "serving_default"
+
+        bad = predict_pb2.PredictRequest()
+        bad.model_spec.name = "m"
+        bad.inputs["x"].CopyFrom(tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64))
+        with pytest.raises(InvalidArgument):
+            await dp.predict(bad, soon())
+        assert len(fake(a).predicts) == 1  # refused before it cost the worker anything
+
+    run(main())
