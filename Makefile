@@ -11,7 +11,14 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo run test protos bench-worker bench-router bench-batching loadtest clean
 
+# Also Debian's jemalloc (for `workers.allocator: jemalloc`) when it is missing and
+# we are root with apt-get; never fails the build: without it only that setting is
+# unavailable. A fresh image has no package lists, hence the update-and-retry.
 install: $(STAMP)
+	@dpkg -s libjemalloc2 >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2 || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2; }; }; } || \
+		echo "note: could not install libjemalloc2; workers.allocator: jemalloc will be unavailable"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

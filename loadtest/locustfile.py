@@ -31,7 +31,7 @@ import orjson  # noqa: E402
 from locust import HttpUser, User, between, task  # noqa: E402
 
 from protos import predict_pb2  # noqa: E402
-from common.tensor import from_numpy, to_numpy  # noqa: E402
+from shared.tensor import from_numpy, to_numpy  # noqa: E402
 
 MODEL = os.environ.get("TFS_MODEL", "ctr")
 ROWS = int(os.environ.get("TFS_ROWS", "1"))

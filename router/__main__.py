@@ -20,7 +20,7 @@ import signal
 import sys
 from typing import Any
 
-from common.errors import BindError
+from shared.errors import BindError
 from router import cli
 from router import config as cfgmod
 from router import log as rlog

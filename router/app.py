@@ -175,15 +175,15 @@ class App:
         return backend
 
     async def retire(self, backend: Backend) -> None:
-        """Stop a surge worker for good and forget it."""
+        """Stop a surge worker for good and forget it (it leaves the pool last, once stopped)."""
         assert self.supervisor is not None
-        self.pool.remove(backend)
-        self._by_index.pop(backend.index, None)
+        self._by_index.pop(backend.index, None)  # its "exited" event is no death to react to
         self._specs.pop(backend.index, None)
         await self.supervisor.remove(backend.index, timeout=self.config.shutdown_timeout_s)
         if backend.transport is not None:
             await backend.transport.close()
             backend.transport = None
+        self.pool.remove(backend)
         self.metrics.remove_worker(backend.name)
         self._publish_states()
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from protos import predict_pb2
 from router.config import BatchingConfig
-from common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServingError
+from shared.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServingError
 from router.metrics import Metrics
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import concat_into, pad_to, split_into

@@ -22,10 +22,10 @@ from google.protobuf import any_pb2
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router.batcher import BatchKey, Batcher
 from router.control.registry import Registry
-from common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import batch_rows
-from common.signature import Signature, find_signature
+from shared.signature import Signature, find_signature
 
 log = logging.getLogger("router.dataplane")
 

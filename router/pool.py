@@ -33,7 +33,7 @@ import grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from router.balancer import pick_two
-from common.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable, from_code
+from shared.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable, from_code
 
 log = logging.getLogger("router.pool")
 
@@ -42,7 +42,9 @@ DRAINING, UNLOADING, DRAINED, DEAD = "draining", "unloading", "drained", "dead"
 STATES = (STARTING, LOADING, WARMING, READY, DRAINING, UNLOADING, DRAINED, DEAD)
 
 MAX_MESSAGE_BYTES = 2**31 - 1
-WARMUP_METADATA = (("x-tfs-router-warmup", "1"),)
+# Control-plane calls the project's worker keeps out of its client counts (and
+# runs on its idle-priority load thread); any other TF Serving server ignores the key.
+CONTROL_METADATA = WARMUP_METADATA = (("x-tfs-router-warmup", "1"),)
 
 
 class TransportError(Unavailable):
@@ -111,15 +113,14 @@ class GrpcTransport:
         return result
 
     async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
-        # Marked, so the project's worker runs it on its idle-priority load
-        # thread and keeps it out of its client counts; any other TF Serving
-        # server ignores the key.
         result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout,
                                                                metadata=WARMUP_METADATA)
         return result
 
     async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse:
-        result: metadata_pb2.GetModelMetadataResponse = await self._call(self._metadata, request, timeout, True)
+        # Only the control plane asks (the data plane answers from its cache): marked like warm-up calls.
+        result: metadata_pb2.GetModelMetadataResponse = await self._call(self._metadata, request, timeout, True,
+                                                                         metadata=CONTROL_METADATA)
         return result
 
     async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse:
@@ -231,6 +232,7 @@ class Pool:
         max_queued: int,
         rng: random.Random | None = None,
         on_inflight: Callable[[Backend], None] | None = None,
+        unservable: Callable[[str, int], ServingError] | None = None,
     ) -> None:
         self.backends = list(backends)
         self.max_queued = max_queued
@@ -240,6 +242,10 @@ class Pool:
         self._available: dict[str, set[int]] = {}
         self._cache_epoch = -1
         self._on_inflight = on_inflight or (lambda b: None)
+        # The error for a request whose version no worker in rotation holds: the
+        # control plane knows whether it is coming (UNAVAILABLE) or gone (NOT_FOUND).
+        self.unservable = unservable or (
+            lambda model, version: Unavailable(f"no ready worker serves {model} version {version}"))
 
     # -- queries ---------------------------------------------------------------
 
@@ -311,7 +317,7 @@ class Pool:
         if backend is not None:
             return backend
         if not self.holders(model, version) or (exclude is not None and self.holders(model, version) == [exclude]):
-            raise Unavailable(f"no ready worker serves {model} version {version}")
+            raise self.unservable(model, version)
         if self._queued.get(model, 0) >= self.max_queued:
             raise ResourceExhausted(
                 f"router queue for {model} is full ({self.max_queued} requests waiting for a worker)",
@@ -387,4 +393,4 @@ class Pool:
                 continue
             if not any(b is not waiter.exclude for b in self.holders(waiter.model, waiter.version)):
                 self._waiters.remove(waiter)
-                waiter.future.set_exception(Unavailable(f"no ready worker serves {waiter.model} version {waiter.version}"))
+                waiter.future.set_exception(self.unservable(waiter.model, waiter.version))

@@ -71,3 +71,32 @@ def checked_model(model_root: Path) -> Path:
     base = model_root / "checked"
     build_checked_model(base / "1")
     return base
+
+
+def build_nan_version(out_dir: Path, version: int) -> Path:
+    """A CTR version with the demo model's signatures whose every answer is NaN (its warm-up must fail)."""
+    import dataclasses
+
+    import numpy as np
+    import tensorflow as tf
+
+    from workers import demo_model as dm
+
+    weights = dm.ctr_weights(version, TEST_VOCAB)
+    *hidden, (kernel, bias) = weights.layers
+    poisoned = dataclasses.replace(weights, layers=[*hidden, (kernel, np.full_like(bias, np.nan))])
+    module = dm.CtrModule(poisoned)
+    target = out_dir / str(version)
+    tf.saved_model.save(module, str(target), signatures={
+        dm.SERVING_DEFAULT: module.serve.get_concrete_function(),
+        dm.USER_EMBEDDING: module.user_embedding.get_concrete_function(),
+        dm.SCORE_PAIRS: module.score_pairs.get_concrete_function(),
+    })
+    return target
+
+
+@pytest.fixture(scope="session")
+def nan_model(model_root: Path) -> Path:
+    """``<root>/nan/3``: answers NaN for every request."""
+    build_nan_version(model_root / "nan", 3)
+    return model_root / "nan" / "3"

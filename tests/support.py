@@ -36,10 +36,11 @@ class _ChildProcess:
     log_chars = 5000  # how much of the log's end ``log()`` returns
     _reader: threading.Thread | None = None  # drains stdout until EOF, if set
 
-    def _start(self, argv: list[str], log_path: Path) -> None:
+    def _start(self, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, env=child_env(), cwd=ROOT)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, env={**child_env(), **(env or {})},
+                                     cwd=ROOT)
 
     def _connect(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 2**31 - 1)])
@@ -182,7 +183,8 @@ class RouterProcess(_ChildProcess):
 
     log_chars = 8000
 
-    def __init__(self, config: dict[str, Any], *, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: dict[str, Any], *, log_dir: Path, extra_args: tuple[str, ...] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         import yaml
 
         stamp = time.monotonic_ns()
@@ -190,7 +192,7 @@ class RouterProcess(_ChildProcess):
         self.config_path = log_dir / f"router-{stamp}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self._start([sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],
-                    log_dir / f"router-{stamp}.log")
+                    log_dir / f"router-{stamp}.log", env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -202,6 +204,47 @@ class RouterProcess(_ChildProcess):
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.decode().rstrip("\n"))
+
+    @property
+    def admin_url(self) -> str:
+        for line in self.lines:
+            if line.strip().startswith("admin:"):
+                return line.split()[1].rsplit("/v1/", 1)[0]
+        raise RuntimeError(f"the router printed no admin line:\n{self.lines}")
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None,
+              timeout: float = 30.0) -> tuple[int, Any]:
+        """A call to the admin endpoint: (HTTP status, parsed JSON body)."""
+        import urllib.error
+        import urllib.request
+
+        data = orjson.dumps(body) if body is not None else (b"" if method == "POST" else None)
+        req = urllib.request.Request(self.admin_url + path, data=data, method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, orjson.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, orjson.loads(exc.read())
+
+    def status(self, token: str | None = None) -> dict[str, Any]:
+        code, body = self.admin("GET", "/v1/admin/status", token=token)
+        assert code == 200, body
+        result: dict[str, Any] = body
+        return result
+
+    def wait_rollouts(self, count: int, timeout: float = 120.0, token: str | None = None) -> list[dict[str, Any]]:
+        """Wait until ``count`` rollouts have finished (the start-up load is the first); their history."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history: list[dict[str, Any]] = self.status(token)["history"]
+            if len(history) >= count:
+                return history
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{count} rollouts did not finish in {timeout}s: {self.status(token)}\n{self.log()}")
 
     def _ports(self, timeout: float = 60.0) -> tuple[int, int]:
         deadline = time.monotonic() + timeout
@@ -275,7 +318,11 @@ class RouterProcess(_ChildProcess):
 
 class SteadyLoad:
     """Threads calling Predict back to back until the block ends: the versions that
-    answered, in order, and every failure, for "no request failed while ..." tests."""
+    answered, in order, and every failure, for "no request failed while ..." tests.
+
+    ``records`` has one ``(sent, answered, version or None, code name)`` per call,
+    times from ``time.monotonic()``, so tests can order answers across clients.
+    """
 
     def __init__(self, channel: grpc.Channel, request: Any, clients: int = 1) -> None:
         from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -286,13 +333,18 @@ class SteadyLoad:
         self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
         self.served: list[int] = []
         self.failures: list[str] = []
+        self.records: list[tuple[float, float, int | None, str]] = []
 
     def _client(self) -> None:
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
-                self.served.append(self._stub.Predict(self._request, timeout=30).model_spec.version.value)
+                version = self._stub.Predict(self._request, timeout=30).model_spec.version.value
+                self.served.append(version)
+                self.records.append((sent, time.monotonic(), version, "OK"))
             except grpc.RpcError as exc:
                 self.failures.append(f"{exc.code()}: {exc.details()}")
+                self.records.append((sent, time.monotonic(), None, exc.code().name))
 
     def wait(self, seconds: float) -> None:
         self._stop.wait(seconds)

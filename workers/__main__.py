@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from workers import runtime, server  # imports TensorFlow
 
-    runtime.configure_threads(args.intra_op_threads or None, args.inter_op_threads or None)
+    runtime.start_threads(args.intra_op_threads or None, args.inter_op_threads or None)
 
     def on_bound(address: str) -> None:
         print(f"tfs-worker listening on {address}", flush=True)

@@ -7,6 +7,10 @@ the event loop or the request threads, and replay the version's warm-up
 requests before it becomes AVAILABLE.  A reload loads what is new before it
 unloads what is no longer wanted, and an unload waits for the version's
 in-flight requests, so moving {1} -> {1,2} -> {2} fails no request.
+An explicit empty ``specific`` list holds no versions at all: the router
+unloads the old version before loading the new one when memory is short.
+Every load and unload is journaled (workers.journal) with the client calls
+that overlapped it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from pathlib import Path
 import grpc
 
 from protos import config_pb2, model_pb2, status_pb2
-from common.errors import CODE_BY_NUMBER, CODE_NUMBER, InvalidArgument, NotFound, ServingError
+from shared.errors import CODE_BY_NUMBER, CODE_NUMBER, InvalidArgument, NotFound, ServingError
 from workers import warmup
+from workers.journal import Journal
 from workers.runtime import LoadedVersion
 
 log = logging.getLogger("workers.manager")
@@ -72,6 +77,12 @@ def list_versions(base_path: Path) -> list[int]:
         return []
 
 
+def wants_no_versions(config: config_pb2.ModelConfig) -> bool:
+    """``specific {}``: the config asks to hold nothing (unlike an empty base path, not an error)."""
+    policy = config.model_version_policy
+    return policy.WhichOneof("policy_choice") == "specific" and not policy.specific.versions
+
+
 def aspired_versions(config: config_pb2.ModelConfig) -> list[int]:
     """The versions a model config asks for, by its version policy."""
     found = list_versions(Path(config.base_path))
@@ -96,9 +107,10 @@ def _as_serving_error(exc: BaseException) -> ServingError:
 
 
 class ModelManager:
-    def __init__(self, load_executor: Executor) -> None:
+    def __init__(self, load_executor: Executor, journal: Journal) -> None:
         self._models: dict[str, ModelEntry] = {}
         self._load_executor = load_executor
+        self._journal = journal
         self._reload_lock = asyncio.Lock()
 
     # -- queries -----------------------------------------------------------
@@ -206,6 +218,7 @@ class ModelManager:
                 raise errors[0]
 
     async def _converge(self, entry: ModelEntry, drop: bool = False) -> list[ServingError]:
+        drop = drop or wants_no_versions(entry.config)
         wanted = [] if drop else aspired_versions(entry.config)
         if not drop and not wanted:
             return [NotFound(f"No versions of servable {entry.name} found under base path {entry.config.base_path}")]
@@ -226,34 +239,37 @@ class ModelManager:
 
     async def _load(self, entry: ModelEntry, slot: VersionSlot) -> None:
         path = Path(entry.config.base_path) / str(slot.version)
-        slot.state = LOADING
-        log.info("loading %s version %d from %s", entry.name, slot.version, path)
         loop = asyncio.get_running_loop()
-        try:
-            if not path.is_dir():
-                raise NotFound(f"version directory {path} does not exist")
-            slot.loaded = await loop.run_in_executor(self._load_executor, _load_and_warm, entry.name, slot.version, path)
-        except Exception as exc:  # a bad version must never take the worker down
-            slot.error = _as_serving_error(exc)
-            slot.state = END
-            slot.loaded = None
-            log.error("loading %s version %d failed: %s", entry.name, slot.version, slot.error.message)
-            return
-        slot.state = AVAILABLE
-        slot.idle.set()
+        with self._journal.record("load", entry.name, slot.version):
+            slot.state = LOADING
+            log.info("loading %s version %d from %s", entry.name, slot.version, path)
+            try:
+                if not path.is_dir():
+                    raise NotFound(f"version directory {path} does not exist")
+                slot.loaded = await loop.run_in_executor(self._load_executor, _load_and_warm, entry.name,
+                                                         slot.version, path)
+            except Exception as exc:  # a bad version must never take the worker down
+                slot.error = _as_serving_error(exc)
+                slot.state = END
+                slot.loaded = None
+                log.error("loading %s version %d failed: %s", entry.name, slot.version, slot.error.message)
+                return
+            slot.state = AVAILABLE
+            slot.idle.set()
         log.info("%s version %d is AVAILABLE", entry.name, slot.version)
 
     async def _unload(self, entry: ModelEntry, slot: VersionSlot) -> None:
-        slot.state = UNLOADING
-        log.info("unloading %s version %d (%d in flight)", entry.name, slot.version, slot.inflight)
-        if slot.inflight:
-            await slot.idle.wait()
-        slot.loaded = None
-        slot.state = END
-        # The version's objects were frozen after its load; thaw, collect the
-        # cycles TF leaves behind and freeze the survivors again.  Off the loop:
-        # a full collection with TF loaded takes ~0.2 s.
-        await asyncio.get_running_loop().run_in_executor(self._load_executor, _refreeze)
+        with self._journal.record("unload", entry.name, slot.version):
+            slot.state = UNLOADING
+            log.info("unloading %s version %d (%d in flight)", entry.name, slot.version, slot.inflight)
+            if slot.inflight:
+                await slot.idle.wait()
+            slot.loaded = None
+            slot.state = END
+            # The version's objects were frozen after its load; thaw, collect the
+            # cycles TF leaves behind and freeze the survivors again.  Off the loop:
+            # a full collection with TF loaded takes ~0.2 s.
+            await asyncio.get_running_loop().run_in_executor(self._load_executor, _refreeze)
 
 
 def _refreeze() -> None:

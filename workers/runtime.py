@@ -28,8 +28,8 @@ from tensorflow.python.eager import context as tf_context
 from tensorflow.python.framework import constant_op
 
 from protos import metadata_pb2
-from common.errors import FailedPrecondition, Internal, InvalidArgument
-from common.signature import Signature, find_signature
+from shared.errors import FailedPrecondition, Internal, InvalidArgument
+from shared.signature import Signature, find_signature
 
 log = logging.getLogger("workers.runtime")
 
@@ -38,12 +38,27 @@ SERVE_TAG = "serve"
 ExecutorKey = tuple[str, tuple[str, ...], tuple[str, ...]]
 
 
-def configure_threads(intra_op: int | None, inter_op: int | None) -> None:
-    """Size TF's thread pools; must run before the first op executes."""
+def start_threads(intra_op: int | None, inter_op: int | None) -> None:
+    """Size TF's thread pools and create them now, on the calling (main) thread.
+
+    TF creates its eager context, its intra-op (Eigen, unnamed: TF's name
+    "tf_numa_-1_Eigen" is longer than the kernel's 15 bytes) and inter-op
+    ("tf_Compute") pools lazily, and the first op adds "tf_graph_runner".
+    A thread inherits the scheduling policy of the thread that creates it:
+    left to the first model load, these would be born on the SCHED_IDLE load
+    thread and every request would then run idle-class.  tf.data (which
+    reads warm-up files) starts a process-wide memory-logger thread on first
+    use; started here too, so that the load threads stay the only idle-class
+    threads and a test can say so.
+    """
     if intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     if inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    tf_context.ensure_initialized()
+    (tf.constant(1) + 1).numpy()
+    for _ in tf.data.Dataset.range(1):
+        pass
 
 
 def read_signature_defs(path: Path) -> dict[str, metadata_pb2.SignatureDef]:

@@ -11,6 +11,12 @@ grpc.aio: no thread per request.  Concurrency is bounded twice: by the
 server's ``maximum_concurrent_rpcs`` and by the fixed pool of threads that
 run TF (a request waits for a free thread; it never spawns one), or, by
 default, by running TF inline on the event loop, one call at a time.
+
+Loading, unloading and warm-up run on the load thread, which runs under
+SCHED_IDLE: it gets only the CPU time serving leaves unused.  A Predict call
+carrying the metadata ``x-tfs-router-warmup: 1`` is the router warming a
+version on a worker it took out of rotation: it runs on that thread, is
+journaled as a "warmup" operation and is not counted as client traffic.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,9 +36,12 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
-from common.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
-from common.tensor import fill, to_numpy
+from shared.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
+from shared.signature import Signature
+from shared.tensor import fill, to_numpy
+from workers.journal import Journal
 from workers.manager import ModelManager
+from workers.runtime import LoadedVersion
 
 log = logging.getLogger("workers.server")
 
@@ -39,6 +50,7 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 WORKER_SERVICE = "tfsrouter.Worker"
 MAX_MESSAGE_BYTES = 2**31 - 1  # TF Serving accepts up to 2 GB
+WARMUP_METADATA = ("x-tfs-router-warmup", "1")
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -63,13 +75,60 @@ def _guard(fn: Handler) -> Handler:
     return wrapper
 
 
+_idle_lock = threading.Lock()
+_idle_refused = False
+
+
+def enter_idle_class() -> None:
+    """The load executor's initializer: its threads run under SCHED_IDLE.
+
+    A load or warm-up then only gets CPU time no other thread of the machine
+    wants (CFS weight 3, against 15 for nice 19 and 1024 for nice 0), so a
+    worker that loads while it serves slows its loading, not its requests
+    (seed 000).  CPU only: a starved load thread that holds the GIL still
+    holds up the event loop, one reason the router drains a worker first.
+    Threads inherit their creator's policy: TF's own pools must exist before
+    the first load, which ``runtime.start_threads`` guarantees.  The thread
+    also gets its name as its kernel name (``top -H``, /proc/PID/task/*/comm).
+    """
+    global _idle_refused
+    try:
+        with open("/proc/thread-self/comm", "w", encoding="ascii") as f:
+            f.write(threading.current_thread().name[:15])
+    except OSError:
+        pass  # only a name for humans
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        with _idle_lock:
+            if _idle_refused:
+                return
+            _idle_refused = True
+        log.warning("load threads keep normal CPU priority (SCHED_IDLE refused: %s)", exc)
+
+
+def _run(loaded: LoadedVersion, request: predict_pb2.PredictRequest) -> tuple[Signature, dict[str, Any]]:
+    sig = loaded.signature(request.model_spec.signature_name)
+    plan = sig.plan(request.inputs, request.output_filter)
+    arrays = {n: to_numpy(request.inputs[n]) for n in plan.names}
+    return sig, loaded.execute(sig, plan.names, plan.outputs, arrays)
+
+
+def _is_warmup(context: grpc.aio.ServicerContext) -> bool:
+    return WARMUP_METADATA in (context.invocation_metadata() or ())
+
+
 class WorkerServices:
-    def __init__(self, manager: ModelManager, predict_threads: int) -> None:
+    def __init__(self, manager: ModelManager, predict_threads: int, load_executor: ThreadPoolExecutor,
+                 journal: Journal) -> None:
         self.manager = manager
         self.health = health.aio.HealthServicer()
         self._pool = (ThreadPoolExecutor(max_workers=predict_threads, thread_name_prefix="predict")
                       if predict_threads > 0 else None)
-        self.requests = 0
+        self._load_executor = load_executor
+        self._journal = journal
+        self.requests = 0  # client Predict calls answered, warm-up excluded
+        self._requests_by_version: dict[tuple[str, int], int] = {}
 
     async def update_health(self, loading: bool = False) -> None:
         status = (
@@ -83,24 +142,44 @@ class WorkerServices:
     # -- PredictionService ---------------------------------------------------
 
     async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+        if _is_warmup(context):
+            return await self._warmup(request)
         spec = request.model_spec
-        with self.manager.acquire(spec) as slot:
+        self._journal.client_started()
+        try:
+            with self.manager.acquire(spec) as slot:
+                loaded = slot.loaded
+                assert loaded is not None
+                if self._pool is None:
+                    # Inline on the loop: no thread hand-off (the router bounds what is in flight).
+                    sig, result = _run(loaded, request)
+                else:
+                    loop = asyncio.get_running_loop()
+                    sig, result = await loop.run_in_executor(self._pool, _run, loaded, request)
+        finally:
+            self._journal.client_finished()
+        self.requests += 1
+        key = (spec.name, slot.version)
+        self._requests_by_version[key] = self._requests_by_version.get(key, 0) + 1
+        return self._response(request, slot.version, sig, result)
+
+    async def _warmup(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        """A router's warm-up call: on the idle load thread, journaled, not client traffic."""
+        with self.manager.acquire(request.model_spec) as slot:
             loaded = slot.loaded
             assert loaded is not None
-            sig = loaded.signature(spec.signature_name)
-            plan = sig.plan(request.inputs, request.output_filter)
-            names, outputs = plan.names, plan.outputs
-            arrays = {n: to_numpy(request.inputs[n]) for n in names}
-            if self._pool is None:
-                # Inline on the loop: no thread hand-off (the router bounds what is in flight).
-                result = loaded.execute(sig, names, outputs, arrays)
-            else:
+            with self._journal.record("warmup", request.model_spec.name, slot.version):
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, loaded.execute, sig, names, outputs, arrays)
-        self.requests += 1
+                sig, result = await loop.run_in_executor(self._load_executor, _run, loaded, request)
+        return self._response(request, slot.version, sig, result)
+
+    @staticmethod
+    def _response(request: predict_pb2.PredictRequest, version: int, sig: Signature,
+                  result: dict[str, Any]) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
-        response.model_spec.version.value = slot.version
+        response.model_spec.version.value = version
         response.model_spec.signature_name = sig.name
         for name, value in result.items():
             fill(response.outputs[name], value, sig.outputs[name].dtype)
@@ -115,11 +194,19 @@ class WorkerServices:
             raise InvalidArgument(
                 f"Metadata field {bad[0]} is not supported" if bad else "GetModelMetadataRequest must specify at least one metadata_field"
             )
-        with self.manager.acquire(request.model_spec) as slot:
-            assert slot.loaded is not None
-            sigmap = metadata_pb2.SignatureDefMap()
-            for name, sig in slot.loaded.signature_defs.items():
-                sigmap.signature_def[name].CopyFrom(sig)
+        # The router may read a version's signatures while warming it: not client traffic either.
+        client = not _is_warmup(context)
+        if client:
+            self._journal.client_started()
+        try:
+            with self.manager.acquire(request.model_spec) as slot:
+                assert slot.loaded is not None
+                sigmap = metadata_pb2.SignatureDefMap()
+                for name, sig in slot.loaded.signature_defs.items():
+                    sigmap.signature_def[name].CopyFrom(sig)
+        finally:
+            if client:
+                self._journal.client_finished()
         response = metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = slot.version
@@ -156,12 +243,22 @@ class WorkerServices:
     # -- tfsrouter.Worker ------------------------------------------------------
 
     async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """JSON: pid, requests (client Predicts answered), client_requests_by_version
+        ({model: {version: count}}, summing to requests), executors ({model: {version:
+        count}}), now and operations (workers.journal: the last loads, unloads and
+        warm-ups, times on the machine's CLOCK_MONOTONIC like ``now``)."""
         counts = self.manager.executor_counts()
+        by_version: dict[str, dict[str, int]] = {}
+        for (model, version), n in self._requests_by_version.items():
+            by_version.setdefault(model, {})[str(version)] = n
         return orjson.dumps(
             {
                 "pid": os.getpid(),
                 "requests": self.requests,
+                "client_requests_by_version": by_version,
                 "executors": {m: {str(v): n for v, n in vs.items()} for m, vs in counts.items()},
+                "now": time.monotonic(),
+                "operations": list(self._journal.operations),
             }
         )
 
@@ -222,9 +319,11 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run the worker until ``stop`` is set; loads ``config`` after the port is bound."""
-    load_pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load")
-    manager = ModelManager(load_pool)
-    services = WorkerServices(manager, predict_threads)
+    load_pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load",
+                                   initializer=enter_idle_class)
+    journal = Journal()
+    manager = ModelManager(load_pool, journal)
+    services = WorkerServices(manager, predict_threads, load_pool, journal)
     server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs)
     server.add_generic_rpc_handlers(services.handlers())
     health_pb2_grpc.add_HealthServicer_to_server(services.health, server)

@@ -4,13 +4,16 @@ The router process imports this module, so it must never import TensorFlow
 (nor ``workers.server`` / ``runtime`` / ``manager``); ``workers.numa`` is pure.
 
 * **Policy**: :func:`worker_specs` turns a placement plan into the exact argv
-  and environment of every worker; :class:`Backoff` decides how long to wait
-  before restarting a worker that died. Both are pure (``worker_specs`` only
-  reads sysfs and checks that the allocator file exists).
+  and environment of every worker; :func:`find_allocator` turns an allocator
+  name into the library Debian installs; :class:`Backoff` decides how long to
+  wait before restarting a worker that died. All pure (``worker_specs`` only
+  reads sysfs and looks for the allocator's file).
 * **Mechanism**: :class:`Supervisor` runs one asyncio task per worker that
   spawns it, waits for its ``tfs-worker listening on ADDRESS`` line, keeps its
   stdout drained, waits for it to exit and restarts it with backoff, reporting
   ``"started"`` / ``"exited"`` events to the router through a callback.
+  Workers can be added and removed while the others run (a rollout's surge
+  worker).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import signal
 import stat
 import sys
+import sysconfig
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +35,14 @@ from typing import Any, Literal
 from workers import numa as numa_lib
 
 __all__ = [
+    "ALLOCATORS",
     "LISTENING_PREFIX",
     "Backoff",
     "Supervisor",
     "WorkerEvent",
     "WorkerSpec",
+    "find_allocator",
+    "library_dirs",
     "socket_path",
     "worker_specs",
 ]
@@ -76,17 +83,56 @@ def socket_path(address: str) -> Path | None:
     return None
 
 
-def _env_for(base_env: Mapping[str, str] | None, allocator: str) -> dict[str, str]:
+#: Allocator names -> (library files, best first; the Debian packages that install them).
+ALLOCATORS: dict[str, tuple[tuple[str, ...], str]] = {
+    "jemalloc": (("libjemalloc.so.2",), "libjemalloc2"),
+    "tcmalloc": (("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "libtcmalloc-minimal4 (or libgoogle-perftools4)"),
+}
+
+
+def library_dirs() -> list[Path]:
+    """Where distributions put shared libraries, this interpreter's multiarch directories first.
+
+    The multiarch triplet (``x86_64-linux-gnu``) is the interpreter's own, so
+    a library of another architecture installed beside it is never preloaded.
+    """
+    triplet = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
+    return [Path(d) for d in (f"/usr/lib/{triplet}", f"/lib/{triplet}", "/usr/lib64", "/lib64",
+                              "/usr/lib", "/lib", "/usr/local/lib")]
+
+
+def find_allocator(allocator: str, search_dirs: Sequence[Path]) -> Path:
+    """The library to preload for ``allocator``: a name of :data:`ALLOCATORS` or a path.
+
+    ValueError when a name's library is in none of ``search_dirs`` (saying
+    which Debian package installs it) or a path is not an existing file.
+    """
+    known = ALLOCATORS.get(allocator)
+    if known is None:
+        if not os.path.isfile(allocator):
+            raise ValueError(f"allocator {allocator!r} is not an existing file "
+                             f"nor one of the names {', '.join(sorted(ALLOCATORS))}")
+        return Path(allocator)
+    files, package = known
+    for name in files:
+        for directory in search_dirs:
+            if (directory / name).is_file():
+                return directory / name
+    raise ValueError(f"allocator {allocator!r}: none of {', '.join(files)} in "
+                     f"{', '.join(map(str, search_dirs))}; install Debian's {package} "
+                     f"(apt-get install {package.split()[0]})")
+
+
+def _env_for(base_env: Mapping[str, str] | None, allocator: str, search_dirs: Sequence[Path]) -> dict[str, str]:
     env = dict(os.environ if base_env is None else base_env)
     root = str(REPO_ROOT)
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([root, *(p for p in parts if p != root)])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if allocator:
-        if not os.path.isfile(allocator):
-            raise ValueError(f"allocator {allocator!r} is not an existing file")
+        library = str(find_allocator(allocator, search_dirs))
         existing = env.get("LD_PRELOAD", "").strip()
-        env["LD_PRELOAD"] = f"{allocator}:{existing}" if existing else allocator
+        env["LD_PRELOAD"] = f"{library}:{existing}" if existing else library
     return env
 
 
@@ -106,6 +152,7 @@ def worker_specs(
     allowed: Iterable[int] | None = None,
     use_numactl: bool = True,
     extra_args: Sequence[str] = (),
+    allocator_dirs: Sequence[Path] | None = None,
 ) -> list[WorkerSpec]:
     """The specs of ``count`` workers listening on ``<socket_dir>/w<i>.sock``.
 
@@ -121,13 +168,15 @@ def worker_specs(
     ``predict_threads <= 0`` keeps the worker's own default.
 
     The environment (``base_env``, default ``os.environ``) gets the repo root
-    prepended to PYTHONPATH, TF_CPP_MIN_LOG_LEVEL defaulting to "2", and
-    ``LD_PRELOAD=allocator`` when an allocator is given (ValueError unless it
-    is an existing file). ``extra_args`` are appended to every worker's argv.
+    prepended to PYTHONPATH, TF_CPP_MIN_LOG_LEVEL defaulting to "2", and the
+    allocator's library in LD_PRELOAD when one is given: "jemalloc",
+    "tcmalloc" or a path (:func:`find_allocator`, searching ``allocator_dirs``,
+    default :func:`library_dirs`). ``extra_args`` are appended to every
+    worker's argv.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    env = _env_for(base_env, allocator)
+    env = _env_for(base_env, allocator, library_dirs() if allocator_dirs is None else allocator_dirs)
     socket_dir = Path(socket_dir).absolute()
 
     placements: Sequence[numa_lib.Placement | None]
@@ -211,7 +260,10 @@ class _Worker:
     spec: WorkerSpec
     backoff: Backoff
     started_once: asyncio.Event = field(default_factory=asyncio.Event)
+    halt: asyncio.Event = field(default_factory=asyncio.Event)  # set by stop() or remove(): never spawn again
+    removing: bool = False
     proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task[None] | None = None
     spawns: int = 0
 
 
@@ -243,9 +295,13 @@ class Supervisor:
     spec's for ``host:0``); ``on_event(index, "exited", {"returncode", "pid",
     "lived_for"})`` once it was reaped, including exits during start-up (a
     worker that doesn't print the line within ``startup_timeout`` is killed)
-    and exits caused by :meth:`stop`. The callback may be sync or async; its
-    exceptions are logged and otherwise ignored. ``clock`` only measures how
-    long a process lived (for :class:`Backoff`).
+    and exits caused by :meth:`stop` or :meth:`remove`. The callback may be
+    sync or async; its exceptions are logged and otherwise ignored. ``clock``
+    only measures how long a process lived (for :class:`Backoff`).
+
+    Everything runs on one event loop, so :meth:`add` and :meth:`remove` are
+    safe while other workers run and while :meth:`stop` is in progress: each
+    worker has its own task and its own halt flag.
     """
 
     def __init__(
@@ -263,18 +319,15 @@ class Supervisor:
         indexes = [spec.index for spec in specs]
         if len(set(indexes)) != len(indexes):
             raise ValueError(f"duplicate worker indexes: {indexes}")
-        self._workers = {
-            spec.index: _Worker(spec, Backoff(backoff_initial, backoff_max, backoff_reset_after))
-            for spec in specs
-        }
+        self._backoff = (backoff_initial, backoff_max, backoff_reset_after)
+        self._workers = {spec.index: _Worker(spec, Backoff(*self._backoff)) for spec in specs}
         self._on_event = on_event
         self._startup_timeout = startup_timeout
         self._stderr = stderr
         self._clock = clock
-        self._tasks: dict[int, asyncio.Task[None]] = {}
         self._drains: set[asyncio.Task[None]] = set()
+        self._started = False
         self._stopping = False
-        self._stop_event = asyncio.Event()
 
     # ---------------------------------------------------------------- public
 
@@ -286,17 +339,55 @@ class Supervisor:
         """Start one supervising task per worker; returns at once."""
         if self._stopping:
             raise RuntimeError("supervisor is stopped")
-        if self._tasks:
+        if self._started:
             raise RuntimeError("supervisor already started")
-        for index in self._workers:
-            self._tasks[index] = asyncio.create_task(self._supervise(index), name=f"worker-supervisor-{index}")
+        self._started = True
+        for worker in self._workers.values():
+            self._launch(worker)
+
+    async def add(self, spec: WorkerSpec) -> None:
+        """Supervise one more worker (a rollout's surge worker), with the same events and backoff.
+
+        Spawned at once when the supervisor runs, by :meth:`start` otherwise.
+        ValueError when the index is taken (a worker being removed holds it
+        until :meth:`remove` returns); RuntimeError once :meth:`stop` began.
+        """
+        if self._stopping:
+            raise RuntimeError("supervisor is stopped")
+        if spec.index in self._workers:
+            raise ValueError(f"duplicate worker index: {spec.index}")
+        worker = self._workers[spec.index] = _Worker(spec, Backoff(*self._backoff))
+        if self._started:
+            self._launch(worker)
+
+    async def remove(self, index: int, timeout: float = 10.0) -> None:
+        """Stop one worker for good: SIGTERM, SIGKILL after ``timeout``, no restart.
+
+        Its "exited" event is still emitted (when it had a process); once this
+        returns, the index is gone from :attr:`specs` and free for :meth:`add`.
+        ValueError for an unknown index or one already being removed.
+        """
+        worker = self._workers.get(index)
+        if worker is None or worker.removing:
+            raise ValueError(f"no worker with index {index} to remove")
+        worker.removing = True
+        worker.halt.set()
+        worker.started_once.set()  # wait_started() waits only for the workers that stay
+        try:
+            await self._terminate([worker], timeout)
+        finally:
+            task = worker.task
+            if task is None or task.done():
+                del self._workers[index]
+            else:  # remove() itself was cancelled: forget the worker once its task ends
+                task.add_done_callback(lambda _: self._forget(worker))
 
     async def wait_started(self, timeout: float) -> bool:
         """True once every worker has printed its listening line at least once."""
         try:
             async with asyncio.timeout(timeout):
-                for worker in self._workers.values():
-                    await worker.started_once.wait()
+                while waiting := [w for w in self._workers.values() if not w.started_once.is_set()]:
+                    await waiting[0].started_once.wait()
         except TimeoutError:
             return False
         return True
@@ -318,28 +409,43 @@ class Supervisor:
         a few seconds after SIGKILL) and the supervising tasks are finished.
         """
         self._stopping = True
-        self._stop_event.set()
-        tasks = [t for t in self._tasks.values() if not t.done()]
-        for worker in self._workers.values():
-            if worker.proc is not None:
-                _signal(worker.proc, signal.SIGTERM)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            if pending:
-                for worker in self._workers.values():
-                    if worker.proc is not None and worker.proc.returncode is None:
-                        log.warning("worker %d (pid %s) ignored SIGTERM for %.1fs; killing it",
-                                    worker.spec.index, worker.proc.pid, timeout)
-                        _signal(worker.proc, signal.SIGKILL)
-                _, pending = await asyncio.wait(pending, timeout=5.0)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        workers = list(self._workers.values())
+        for worker in workers:
+            worker.halt.set()
+        await self._terminate(workers, timeout)
         for drain in list(self._drains):
             drain.cancel()
         await asyncio.gather(*self._drains, return_exceptions=True)
 
     # -------------------------------------------------------------- internals
+
+    def _launch(self, worker: _Worker) -> None:
+        index = worker.spec.index
+        worker.task = asyncio.create_task(self._supervise(worker), name=f"worker-supervisor-{index}")
+
+    def _forget(self, worker: _Worker) -> None:
+        if self._workers.get(worker.spec.index) is worker:
+            del self._workers[worker.spec.index]
+
+    async def _terminate(self, workers: Sequence[_Worker], timeout: float) -> None:
+        """SIGTERM the (halted) ``workers``, SIGKILL those alive after ``timeout``; wait for their tasks."""
+        tasks = [w.task for w in workers if w.task is not None and not w.task.done()]
+        for worker in workers:
+            if worker.proc is not None:
+                _signal(worker.proc, signal.SIGTERM)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            for worker in workers:
+                if worker.proc is not None and worker.proc.returncode is None:
+                    log.warning("worker %d (pid %s) ignored SIGTERM for %.1fs; killing it",
+                                worker.spec.index, worker.proc.pid, timeout)
+                    _signal(worker.proc, signal.SIGKILL)
+            _, pending = await asyncio.wait(pending, timeout=5.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _emit(self, index: int, event: WorkerEvent, info: dict[str, Any]) -> None:
         try:
@@ -364,17 +470,16 @@ class Supervisor:
         else:
             log.warning("worker %d: %s exists and is not a socket; leaving it", spec.index, path)
 
-    async def _sleep_unless_stopping(self, delay: float) -> None:
+    async def _sleep_unless_halted(self, worker: _Worker, delay: float) -> None:
         try:
             async with asyncio.timeout(delay):
-                await self._stop_event.wait()
+                await worker.halt.wait()
         except TimeoutError:
             pass
 
-    async def _supervise(self, index: int) -> None:
-        worker = self._workers[index]
-        spec = worker.spec
-        while not self._stopping:
+    async def _supervise(self, worker: _Worker) -> None:
+        index = worker.spec.index
+        while not worker.halt.is_set():
             try:
                 lived_for = await self._run_once(worker)
             except asyncio.CancelledError:
@@ -382,11 +487,11 @@ class Supervisor:
             except Exception:
                 log.exception("worker %d: supervising failed", index)
                 lived_for = 0.0
-            if self._stopping:
+            if worker.halt.is_set():
                 break
             delay = worker.backoff.next_delay(lived_for)
-            log.info("worker %d: restarting in %.2fs", spec.index, delay)
-            await self._sleep_unless_stopping(delay)
+            log.info("worker %d: restarting in %.2fs", index, delay)
+            await self._sleep_unless_halted(worker, delay)
 
     async def _run_once(self, worker: _Worker) -> float:
         """Spawn the worker once and return how long it lived (seconds)."""
@@ -408,7 +513,7 @@ class Supervisor:
             log.error("worker %d: cannot spawn %s: %s", index, spec.argv[0] if spec.argv else "?", exc)
             return self._clock() - spawned_at
         worker.proc = proc
-        if self._stopping:  # stop() began while we were spawning: it didn't see this process
+        if worker.halt.is_set():  # stop() or remove() began while we were spawning: they didn't see this process
             _signal(proc, signal.SIGTERM)
         log.info("worker %d: spawned pid %s (cpus %s)", index, proc.pid,
                  numa_lib.format_cpulist(spec.cpus) or "any")
@@ -424,7 +529,7 @@ class Supervisor:
                 await self._emit(index, "started", {"address": address, "pid": proc.pid})
             returncode = await proc.wait()
             lived_for = self._clock() - spawned_at
-            if self._stopping:
+            if worker.halt.is_set():
                 log.info("worker %d: pid %s exited with %s", index, proc.pid, _describe(returncode))
             else:
                 log.warning("worker %d: pid %s exited with %s after %.1fs",

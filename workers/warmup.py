@@ -15,9 +15,9 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from protos import prediction_log_pb2
-from common.errors import FailedPrecondition, InvalidArgument
-from common.tensor import to_numpy
-from common.tfrecord import split_records
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.tensor import to_numpy
+from shared.tfrecord import split_records
 from workers.runtime import LoadedVersion
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"

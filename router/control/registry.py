@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.errors import InvalidArgument, NotFound, Unavailable
-from common.signature import Signature
+from shared.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from shared.signature import Signature
 from protos import metadata_pb2, model_pb2, status_pb2
 from router.config import Config, ModelConfig
 from router.pool import DEAD, Pool, Transport
@@ -55,6 +55,7 @@ class Registry:
         self.switched_at: dict[str, float] = {}
         self._meta: dict[tuple[str, int], VersionMeta] = {}
         self._clock = clock
+        pool.unservable = self.unservable
 
     def model(self, name: str) -> ModelConfig:
         m = self._models.get(name)
@@ -99,6 +100,12 @@ class Registry:
         if version in self.aspired.get(model.name, ()):
             raise Unavailable(f"version {version} of model {model.name} is not available on any worker yet")
         raise NotFound(f"Servable not found for request: Specific({model.name}, {version})")
+
+    def unservable(self, model: str, version: int) -> ServingError:
+        """The error for a request whose version no worker in rotation holds right now."""
+        if version in self.aspired.get(model, ()):
+            return Unavailable(f"no ready worker serves {model} version {version} right now")
+        return NotFound(f"Servable not found for request: Specific({model}, {version}) (it was unloaded)")
 
     def ready(self) -> bool:
         """Every configured model has its default version AVAILABLE on a worker in rotation."""

@@ -42,7 +42,7 @@ import grpc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from common.errors import CODE_NUMBER, FailedPrecondition, ServingError
+from shared.errors import CODE_NUMBER, FailedPrecondition, ServingError
 from protos import status_pb2
 from router.config import Config
 from router.control import plan as planmod
@@ -235,9 +235,17 @@ class Controller:
         desired = self.desired()
         if self.rollout is None and desired != self.current:
             self._begin(desired, "versions changed on disk")
-        for m in self.config.models:
-            self.registry.aspired[m.name] = tuple(sorted(desired[m.name] | self.current[m.name]))
         r = self.rollout
+        for m in self.config.models:
+            # What will be served: explicit requests for one of these not loaded yet are UNAVAILABLE,
+            # for any other NOT_FOUND (a version on its way out, after the switch, is gone).
+            if r is None:
+                coming = desired[m.name] | self.current[m.name]
+            elif r.phase == ROLLBACK:
+                coming = r.old.get(m.name, frozenset())
+            else:
+                coming = r.new.get(m.name, frozenset()) | (frozenset() if r.switched else r.old.get(m.name, frozenset()))
+            self.registry.aspired[m.name] = tuple(sorted(coming))
         view = r.view() if r is not None else planmod.RolloutView(self.current, self.current, STEADY, True,
                                                                   self.registry.default, self.registry.default)
         workers = [self._worker_view(b) for b in self.pool.backends]

@@ -15,7 +15,7 @@ import asyncio
 import os
 from collections.abc import Iterable, Mapping
 
-from common.errors import CODE_BY_NUMBER, NotFound, ServingError
+from shared.errors import CODE_BY_NUMBER, NotFound, ServingError
 from protos import config_pb2, status_pb2
 from router.config import ModelConfig
 from router.control.registry import Registry

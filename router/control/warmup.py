@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from common.errors import FailedPrecondition, ServingError
-from common.signature import PREDICT_METHOD, Signature
-from common.tensor import DT_STRING, NUMPY_DTYPE, dtype_name, fill, to_numpy
-from common.tfrecord import split_records
+from shared.errors import FailedPrecondition, ServingError
+from shared.signature import PREDICT_METHOD, Signature
+from shared.tensor import DT_STRING, NUMPY_DTYPE, dtype_name, fill, to_numpy
+from shared.tfrecord import split_records
 from protos import predict_pb2, prediction_log_pb2
 from router.config import BatchingConfig
 from router.pool import Transport

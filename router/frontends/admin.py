@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from common.errors import BindError
+from shared.errors import BindError
 from router.config import AdminConfig, ConfigError
 from router.control.rollout import Controller, RolloutBusy
 

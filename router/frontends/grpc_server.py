@@ -21,7 +21,7 @@ from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from router import log as rlog
 from router.config import Config
 from router.dataplane import DataPlane
-from common.errors import BindError, ServingError, Unimplemented
+from shared.errors import BindError, ServingError, Unimplemented
 from router.metrics import Metrics
 
 logger = logging.getLogger("router.grpc")

@@ -27,11 +27,11 @@ from router import log as rlog
 from router.config import Config
 from router.control.registry import Registry
 from router.dataplane import DataPlane
-from common.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
+from shared.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
 from router.wire import rest_json
-from common.signature import find_signature
-from common.tensor import fill, to_numpy
+from shared.signature import find_signature
+from shared.tensor import fill, to_numpy
 
 logger = logging.getLogger("router.rest")
 

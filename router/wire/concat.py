@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from protos import tensor_pb2
-from common.errors import Internal, InvalidArgument
-from common.tensor import (
+from shared.errors import Internal, InvalidArgument
+from shared.tensor import (
     DT_BOOL,
     DT_DOUBLE,
     DT_FLOAT,

@@ -67,8 +67,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from common.errors import InvalidArgument, ServingError, Unimplemented
-from common.tensor import (
+from shared.errors import InvalidArgument, ServingError, Unimplemented
+from shared.tensor import (
     DT_BOOL,
     DT_DOUBLE,
     DT_FLOAT,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from protos import tensor_pb2
-from common.errors import InvalidArgument
-from common import tensor as codec
+from shared.errors import InvalidArgument
+from shared import tensor as codec
 
 
 def make(dtype: int, dims: list[int], **fields: object) -> tensor_pb2.TensorProto:

@@ -32,7 +32,7 @@ from protos import (
     status_pb2,
     tensor_pb2,
 )
-from common import tensor as codec
+from shared import tensor as codec
 from tests.support import fill_typed
 
 # numpy dtypes the codec handles, as hypothesis generates them.

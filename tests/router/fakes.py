@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from common.errors import NotFound
-from common.tensor import fill
+from shared.errors import NotFound
+from shared.tensor import fill
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2, types_pb2
 from router.pool import Transport
 

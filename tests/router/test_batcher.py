@@ -28,10 +28,10 @@ from router.batcher import FULL, SLOT_FREED, TIMEOUT, BatchKey, Batcher, BatchQu
 from router.config import BatchingConfig
 from router.control.registry import Registry
 from router.dataplane import DataPlane
-from common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
+from shared.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
 from router.metrics import Metrics
 from router.pool import READY, Backend, Pool, TransportError
-from common.tensor import DT_FLOAT, from_numpy, to_numpy
+from shared.tensor import DT_FLOAT, from_numpy, to_numpy
 
 T = TypeVar("T")
 AVAILABLE = status_pb2.ModelVersionStatus.AVAILABLE

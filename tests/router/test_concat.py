@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from protos import tensor_pb2, types_pb2
-from common.errors import Internal, InvalidArgument, ServingError
+from shared.errors import Internal, InvalidArgument, ServingError
 from router.wire.concat import batch_rows, concat_into, pad_to, split
-from common.tensor import DT_FLOAT, DT_STRING, dtype_of_array, from_numpy, shape_of, to_numpy
+from shared.tensor import DT_FLOAT, DT_STRING, dtype_of_array, from_numpy, shape_of, to_numpy
 from tests.support import fill_typed
 
 TensorProto = tensor_pb2.TensorProto

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from common.errors import (
+from shared.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,

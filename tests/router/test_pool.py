@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
-from common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from router.pool import DEAD, DRAINING, LOADING, READY, STARTING, Backend, Pool
 
 T = TypeVar("T")

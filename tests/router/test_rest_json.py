@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from shared.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from router.wire.rest_json import (
     PredictBody,
     error_body,
     format_predict_response,
     parse_predict_body,
 )
-from common.tensor import (
+from shared.tensor import (
     DT_BOOL,
     DT_DOUBLE,
     DT_FLOAT,

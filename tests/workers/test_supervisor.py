@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import sysconfig
 import textwrap
 import time
 from collections.abc import Callable, Coroutine
@@ -18,7 +19,16 @@ import pytest
 import uvloop
 
 from workers import numa
-from workers.supervisor import REPO_ROOT, Backoff, Supervisor, WorkerSpec, socket_path, worker_specs
+from workers.supervisor import (
+    REPO_ROOT,
+    Backoff,
+    Supervisor,
+    WorkerSpec,
+    find_allocator,
+    library_dirs,
+    socket_path,
+    worker_specs,
+)
 
 T = TypeVar("T")
 
@@ -162,6 +172,61 @@ def test_worker_specs_environment(sysfs: Path, tmp_path: Path) -> None:
     assert plain.env["LD_PRELOAD"] == str(allocator)
     inherited = _specs(sysfs, tmp_path, count=1, numa=False, base_env=None)[0]
     assert inherited.env["PATH"] == os.environ["PATH"]
+
+
+# ---------------------------------------------------------------- allocators by name
+
+
+@pytest.fixture
+def libdirs(tmp_path: Path) -> list[Path]:
+    """A fake multiarch, lib64, lib and local lib directory, in search order."""
+    dirs = [tmp_path / "usr/lib/x86_64-linux-gnu", tmp_path / "usr/lib64", tmp_path / "usr/lib",
+            tmp_path / "usr/local/lib"]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def test_find_allocator_takes_the_first_directory_that_has_the_library(libdirs: list[Path]) -> None:
+    multiarch, _, lib, local = libdirs
+    for d in (lib, local):
+        (d / "libjemalloc.so.2").write_bytes(b"")
+    assert find_allocator("jemalloc", libdirs) == lib / "libjemalloc.so.2"
+    (multiarch / "libjemalloc.so.2").write_bytes(b"")
+    assert find_allocator("jemalloc", libdirs) == multiarch / "libjemalloc.so.2"
+    # tcmalloc: the minimal library (no profiler) wins over the full one, wherever each is.
+    (multiarch / "libtcmalloc.so.4").write_bytes(b"")
+    assert find_allocator("tcmalloc", libdirs) == multiarch / "libtcmalloc.so.4"
+    (local / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert find_allocator("tcmalloc", libdirs) == local / "libtcmalloc_minimal.so.4"
+    # Anything else is a path, as before.
+    assert find_allocator(str(lib / "libjemalloc.so.2"), []) == lib / "libjemalloc.so.2"
+
+
+def test_find_allocator_names_the_debian_package_to_install(libdirs: list[Path]) -> None:
+    (libdirs[0] / "libjemalloc.so.2").mkdir()  # a directory is not a library
+    with pytest.raises(ValueError, match=r"libjemalloc\.so\.2 in .*usr/lib64.*install Debian's libjemalloc2"):
+        find_allocator("jemalloc", libdirs)
+    with pytest.raises(ValueError, match="install Debian's libtcmalloc-minimal4"):
+        find_allocator("tcmalloc", libdirs)
+    with pytest.raises(ValueError, match="nor one of the names jemalloc, tcmalloc"):
+        find_allocator("mimalloc", libdirs)
+
+
+def test_worker_specs_preload_an_allocator_by_name(sysfs: Path, tmp_path: Path, libdirs: list[Path]) -> None:
+    (libdirs[2] / "libjemalloc.so.2").write_bytes(b"")
+    specs = _specs(sysfs, tmp_path, count=2, numa=False, allocator="jemalloc", allocator_dirs=libdirs,
+                   base_env={"LD_PRELOAD": "/x.so"})
+    assert [s.env["LD_PRELOAD"] for s in specs] == [f"{libdirs[2] / 'libjemalloc.so.2'}:/x.so"] * 2
+    with pytest.raises(ValueError, match="libtcmalloc-minimal4"):
+        _specs(sysfs, tmp_path, allocator="tcmalloc", allocator_dirs=libdirs)
+
+
+def test_library_dirs_search_this_interpreters_multiarch_directory_first() -> None:
+    dirs = library_dirs()
+    triplet = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
+    assert dirs[0] == Path("/usr/lib") / triplet
+    assert {Path("/usr/lib64"), Path("/usr/lib"), Path("/usr/local/lib")} <= set(dirs)
 
 
 def test_worker_specs_errors(sysfs: Path, tmp_path: Path) -> None:
@@ -380,6 +445,120 @@ def test_supervisor_survives_a_spawn_failure(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+# ---------------------------------------------------------------- adding and removing workers
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_supervisor_adds_and_removes_a_worker_while_others_run(tmp_path: Path, loop: str) -> None:
+    rec = Recorder()
+    steady, surge = fake_specs(tmp_path, ["sleep", "sleep"])
+
+    async def main() -> None:
+        sup = Supervisor([steady], rec, backoff_initial=0.05, backoff_max=0.2)
+        await sup.start()
+        assert await sup.wait_started(30)
+        steady_pid = sup.pid(0)
+        await sup.add(surge)
+        with pytest.raises(ValueError, match="duplicate"):
+            await sup.add(surge)
+        assert await sup.wait_started(30)  # now also waits for the added worker
+        surge_pid = sup.pid(1)
+        assert rec.of(1, "started") == [{"address": surge.address, "pid": surge_pid}]
+        assert [s.index for s in sup.specs] == [0, 1]
+
+        await sup.remove(1)
+        assert surge_pid is not None and gone(surge_pid)
+        (exited,) = rec.of(1, "exited")
+        assert exited["returncode"] == 0 and exited["pid"] == surge_pid  # a clean SIGTERM exit
+        assert [s.index for s in sup.specs] == [0]
+        with pytest.raises(KeyError):
+            sup.pid(1)
+        with pytest.raises(ValueError, match="no worker with index 1"):
+            await sup.remove(1)
+        await asyncio.sleep(0.5)  # several backoff periods: nothing restarts it
+        assert len(rec.of(1, "started")) == 1 and len(rec.of(1, "exited")) == 1
+        assert sup.pid(0) == steady_pid and not rec.of(0, "exited")  # the other worker never noticed
+
+        await sup.add(surge)  # the index is free again
+        await rec.wait_for(lambda: len(rec.of(1, "started")) == 2)
+        await sup.stop(timeout=10)
+        assert [len(rec.of(i, "exited")) for i in (0, 1)] == [1, 2]
+        with pytest.raises(RuntimeError, match="stopped"):
+            await sup.add(WorkerSpec(5, surge.address, surge.argv, surge.env))
+
+    LOOPS[loop](main())
+
+
+def test_supervisor_remove_escalates_to_sigkill_and_interrupts_backoff(tmp_path: Path) -> None:
+    rec = Recorder()
+    steady, stubborn, crash = fake_specs(tmp_path, ["sleep", "stubborn", "crash"])
+
+    async def main() -> None:
+        # A 60 s backoff after the crash: remove() must not wait for it.
+        sup = Supervisor([steady, stubborn, crash], rec, backoff_initial=60, backoff_max=60)
+        await sup.start()
+        await rec.wait_for(lambda: bool(rec.of(2, "exited")) and bool(rec.of(1, "started")))
+        stubborn_pid = sup.pid(1)
+        await asyncio.wait_for(sup.remove(1, timeout=0.3), 20)
+        assert stubborn_pid is not None and gone(stubborn_pid)
+        assert rec.of(1, "exited")[-1]["returncode"] == -signal.SIGKILL
+        await asyncio.wait_for(sup.remove(2), 20)  # far less than its backoff
+        assert len(rec.of(2, "started")) == 1 and sup.restarts(0) == 0
+        assert [s.index for s in sup.specs] == [0] and sup.pid(0) is not None
+        await sup.stop(timeout=10)
+
+    asyncio.run(main())
+
+
+def test_supervisor_forgets_a_worker_whose_removal_was_cancelled(tmp_path: Path) -> None:
+    rec = Recorder()
+    specs = fake_specs(tmp_path, ["stubborn"])
+
+    async def main() -> None:
+        sup = Supervisor(specs, rec, backoff_initial=0.05)
+        await sup.start()
+        assert await sup.wait_started(30)
+        removal = asyncio.create_task(sup.remove(0, timeout=60))
+        await asyncio.sleep(0)  # remove() runs up to its wait: the worker is halted and got SIGTERM
+        removal.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await removal
+        assert [s.index for s in sup.specs] == [0]  # SIGTERM was ignored: still there, not restarted
+        await sup.stop(timeout=0.3)  # kills it; then it is forgotten as remove() meant
+        assert sup.specs == [] and rec.of(0, "exited")[-1]["returncode"] == -signal.SIGKILL
+        assert len(rec.of(0, "started")) == 1
+
+    asyncio.run(main())
+
+
+def test_supervisor_remove_during_start_up_and_during_stop(tmp_path: Path) -> None:
+    rec = Recorder()
+    silent, first, second = fake_specs(tmp_path, ["silent", "sleep", "sleep"])
+
+    async def main() -> None:
+        sup = Supervisor([], rec, startup_timeout=60)
+        await sup.add(silent)  # before start(): started by start()
+        await sup.add(first)
+        await sup.start()
+        await rec.wait_for(lambda: bool(rec.of(1, "started")))
+        assert not await sup.wait_started(0.2)  # the silent worker never listens...
+        silent_pid = sup.pid(0)
+        await sup.remove(0)  # ...and is removed before it does
+        assert silent_pid is not None and gone(silent_pid)
+        assert len(rec.of(0, "exited")) == 1 and not rec.of(0, "started")
+        assert await sup.wait_started(5)  # only the remaining workers count
+
+        await sup.add(second)
+        await rec.wait_for(lambda: bool(rec.of(2, "started")))
+        pids = [sup.pid(1), sup.pid(2)]
+        await asyncio.gather(sup.stop(timeout=10), sup.remove(2, timeout=10))
+        assert all(pid is not None and gone(pid) for pid in pids)
+        assert [len(rec.of(i, "exited")) for i in (1, 2)] == [1, 1]
+        assert [s.index for s in sup.specs] == [1]
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- the real worker
 
 
@@ -408,5 +587,35 @@ def test_real_worker_is_pinned_started_and_stopped(tmp_path: Path) -> None:
         assert gone(pid) and sup.pid(0) is None
         assert rec.of(0, "exited")[-1]["returncode"] == 0
         assert sup.restarts(0) == 0
+
+    asyncio.run(main())
+
+
+def _installed_jemalloc() -> Path | None:
+    try:
+        return find_allocator("jemalloc", library_dirs())
+    except ValueError:
+        return None
+
+
+@pytest.mark.skipif(_installed_jemalloc() is None,
+                    reason="Debian's libjemalloc2 is not installed (make install installs it when run as root)")
+def test_real_worker_runs_with_jemalloc_preloaded(tmp_path: Path) -> None:
+    library = _installed_jemalloc()
+    assert library is not None
+    (spec,) = worker_specs(1, tmp_path, numa=False, allocator="jemalloc")
+    assert spec.env["LD_PRELOAD"].split(":")[0] == str(library)
+    rec = Recorder()
+
+    async def main() -> None:
+        sup = Supervisor([spec], rec)
+        await sup.start()
+        assert await sup.wait_started(120), rec.events
+        pid = sup.pid(0)
+        assert pid is not None
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        await sup.stop(timeout=30)
+        assert os.path.realpath(library) in maps
+        assert rec.of(0, "exited")[-1]["returncode"] == 0
 
     asyncio.run(main())

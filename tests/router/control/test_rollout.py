@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from common.errors import NotFound
-from common.tensor import fill
+from shared.errors import NotFound
+from shared.tensor import fill
 from protos import model_pb2, predict_pb2, status_pb2
 from router.config import Config, from_dict
 from router.control.registry import Registry

@@ -1,6 +1,6 @@
 """The package layering of DESIGN.md, checked on the source: who may import whom.
 
-* ``common`` imports neither ``router`` nor ``workers``;
+* ``shared`` imports neither ``router`` nor ``workers``;
 * ``workers`` imports nothing from ``router``;
 * ``router`` reaches ``workers`` only through the supervisor's spawn API
   (``workers.supervisor``, which itself needs only ``workers.numa``);
@@ -43,8 +43,8 @@ def offenders(package: str, forbidden: tuple[str, ...], allowed: tuple[str, ...]
     return bad
 
 
-def test_common_imports_neither_router_nor_workers() -> None:
-    assert offenders("common", ("router", "workers", "tensorflow")) == []
+def test_shared_imports_neither_router_nor_workers() -> None:
+    assert offenders("shared", ("router", "workers", "tensorflow")) == []
 
 
 def test_workers_import_nothing_from_router() -> None:
@@ -70,7 +70,7 @@ def test_checker_sees_a_forbidden_import(tmp_path: Path, monkeypatch: pytest.Mon
     assert offenders("fake", ("router",)) == ["fake/mod.py: router.pool.Pool"]
 
 
-@pytest.mark.parametrize("module", ["router.app", "router.__main__", "common.signature", "common.tfrecord"])
+@pytest.mark.parametrize("module", ["router.app", "router.__main__", "shared.signature", "shared.tfrecord"])
 def test_router_side_modules_do_not_load_tensorflow(module: str) -> None:
     code = (f"import sys, {module}; "
             "sys.exit(1 if any(m.split('.')[0] == 'tensorflow' for m in sys.modules) else 0)")

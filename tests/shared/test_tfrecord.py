@@ -1,4 +1,4 @@
-"""common.tfrecord: framing read without TensorFlow, checked against TF's own writer."""
+"""shared.tfrecord: framing read without TensorFlow, checked against TF's own writer."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import FailedPrecondition
-from common.tfrecord import split_records
+from shared.errors import FailedPrecondition
+from shared.tfrecord import split_records
 
 
 def written_by_tf(path: Path, records: list[bytes]) -> bytes:

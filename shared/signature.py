@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protos import metadata_pb2, tensor_pb2
-from common.errors import FailedPrecondition, InvalidArgument
-from common.tensor import dtype_name, shape_of
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.tensor import dtype_name, shape_of
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from common.errors import FailedPrecondition
+from shared.errors import FailedPrecondition
 
 _HEADER = 12  # length (8) + its CRC (4)
 _FOOTER = 4  # the data's CRC

@@ -1,4 +1,4 @@
-"""common.signature: request validation, and the per-layout plan cache in front of it."""
+"""shared.signature: request validation, and the per-layout plan cache in front of it."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from protos import metadata_pb2, predict_pb2, types_pb2
-from common.errors import InvalidArgument
-from common import signature as sigmod
-from common.signature import Signature
-from common.tensor import from_numpy
+from shared.errors import InvalidArgument
+from shared import signature as sigmod
+from shared.signature import Signature
+from shared.tensor import from_numpy
 
 
 def signature() -> Signature:

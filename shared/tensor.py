@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from protos import tensor_pb2, types_pb2
-from common.errors import InvalidArgument
+from shared.errors import InvalidArgument
 
 TensorProto = tensor_pb2.TensorProto
 DataType = types_pb2.DataType
