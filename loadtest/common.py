@@ -14,6 +14,8 @@
   generators that time every call and return a ``LoadResult`` (rate, rows/s,
   latency percentiles, errors, and the CPU time used by chosen processes
   during the measured window).
+  The open-loop generator (fixed schedule, latency from the scheduled send
+  time) is ``loadtest.openloop``.
 * ``percentile``, ``print_table``, ``progress``, ``run_async`` (uvloop when
   available), ``cpu_seconds``, ``error_text``, ``ratio`` and ``http_get``.
 
@@ -689,6 +691,7 @@ class RouterProcess(_ChildProcess):
     kind = "router"
     GRPC_LINE = "gRPC (TF Serving API):"
     REST_LINE = "REST (TF Serving API):"
+    ADMIN_LINE = "admin:"
 
     def __init__(
         self,
@@ -739,6 +742,29 @@ class RouterProcess(_ChildProcess):
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         """``(status, body)`` of a GET on the router's REST port."""
         return http_get(self.rest_url + path, timeout)
+
+    def admin_url(self, timeout: float = 2.0) -> str | None:
+        """The admin status URL the router printed (``  admin:   http://127.0.0.1:PORT/...``), or None.
+
+        The router prints its addresses in one block before ``tfs-router
+        ready``; a router without an admin API prints no such line, so this
+        stops looking at the ready line (or after ``timeout``).
+        """
+
+        def found(line: str) -> str | None | bool:
+            text = line.strip()
+            if text.startswith(self.ADMIN_LINE):
+                # The URL is the first word that is one; words after it (a hint) are not part of it.
+                for word in text[len(self.ADMIN_LINE) :].split():
+                    if "://" in word:
+                        return word
+            return False if text.startswith("tfs-router ready") else None
+
+        try:
+            url = self._wait_line(found, timeout)
+        except RuntimeError:
+            return None
+        return url if isinstance(url, str) else None
 
     def wait_ready(self, timeout: float = 180.0, workers: int = 0) -> float:
         """Block until ``/readyz`` is 200 and ``workers`` workers are ready; seconds since start."""
