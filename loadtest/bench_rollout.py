@@ -1,6 +1,6 @@
 """The latency spike of a hot model update, under open-loop load.
 
-    python -m loadtest.bench_rollout [--seconds 10] [--rate R] [--scenarios staged,in_place,staged+jemalloc]
+    python -m loadtest.bench_rollout [--seconds 10] [--rate R] [--scenarios staged,in_place,staged+jemalloc,staged+overlap]
                                      [--model-dir DIR] [--vocab 940000] [--keep-going]
 
 Three scenarios, side by side, each on a fresh router (2 spawned workers,
@@ -9,11 +9,17 @@ model (``workers.demo_model`` with 5 embedding tables of ``--vocab`` x 16
 float32; versions 1 and 2 are built once into ``--model-dir``, default
 ``models/ctr-large``, and reused):
 
-1. ``staged``: ``rollout.strategy: staged`` (the default): drain -> load ->
-   warm -> switch, one worker at a time;
+1. ``staged``: ``rollout.strategy: staged`` (the default, in its default
+   ``swap`` mode): drain -> unload old -> load new -> warm -> rejoin, one
+   worker at a time, one pool-wide switch;
 2. ``in_place``: ``rollout.strategy: in_place``: the old update, workers
    load the new version while serving;
-3. ``staged+jemalloc``: staged, with ``workers.allocator: jemalloc``.
+3. ``staged+jemalloc``: staged, with ``workers.allocator: jemalloc``;
+4. ``staged+overlap``: staged in ``rollout.mode: overlap`` (every worker
+   holds both versions until the switch).
+
+Besides latency it samples the workers' memory (RSS of every worker
+process, surge workers included) to show what holding two versions costs.
 
 First the pool's capacity is measured once: closed-loop gRPC at concurrency
 64 against a router with scenario 1's config; the load rate ``R`` is half
@@ -110,6 +116,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "staged": {"rollout": {"strategy": "staged"}},
     "in_place": {"rollout": {"strategy": "in_place"}},
     "staged+jemalloc": {"rollout": {"strategy": "staged"}, "workers": {"allocator": "jemalloc"}},
+    "staged+overlap": {"rollout": {"strategy": "staged", "mode": "overlap"}},
 }
 CAPACITY_SCENARIO = "staged"  # the router whose closed-loop capacity sets the rate
 CAPACITY_CONCURRENCY = 64
@@ -277,11 +284,43 @@ class _Code:
     name: str
 
 
-def request_feed() -> Any:
-    """An endless cycle of 16 distinct batch-1 PredictRequests (official tensorflow-serving-api types)."""
-    from loadtest.bench_worker import predict_requests
+# The demo CTR model's inputs (workers.demo_model), written out here so the
+# client process needs no TensorFlow: a lighter client (no 500 MB heap for
+# its garbage collector to walk) keeps its own pauses out of the tails.
+ID_INPUTS = ("user_id", "item_id", "category", "city", "device")
+DENSE_INPUT, DENSE_DIM = "dense", 20
+DISTINCT_REQUESTS = 16
 
-    return itertools.cycle(predict_requests(1))
+
+def request_feed(seed: int = 0) -> Any:
+    """An endless cycle of distinct batch-1 PredictRequests (the project's wire-compatible messages)."""
+    import numpy as np
+
+    from protos import predict_pb2
+    from shared.tensor import fill
+
+    rng = np.random.default_rng(seed)
+    requests = []
+    for _ in range(DISTINCT_REQUESTS):
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = MODEL_NAME
+        for name in ID_INPUTS:
+            fill(req.inputs[name], rng.integers(0, 1_000_000, size=1, dtype=np.int64))
+        fill(req.inputs[DENSE_INPUT], rng.standard_normal((1, DENSE_DIM)).astype(np.float32))
+        requests.append(req)
+    return itertools.cycle(requests)
+
+
+def predict_stub(channel: Any) -> Any:
+    """TF Serving's Predict under its official method path, with the project's messages."""
+    from protos import predict_pb2
+
+    class Stub:
+        Predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                                      request_serializer=predict_pb2.PredictRequest.SerializeToString,
+                                      response_deserializer=predict_pb2.PredictResponse.FromString)
+
+    return Stub()
 
 
 def predict_caller(stub: Any, feed: Any) -> Any:
@@ -305,10 +344,9 @@ def predict_caller(stub: Any, feed: Any) -> Any:
 
 async def measure_capacity(address: str, seconds: float) -> float:
     import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stub = predict_stub(channel)
         call = predict_caller(stub, request_feed())
         await call()
         result = await closed_loop(call, concurrency=CAPACITY_CONCURRENCY, seconds=seconds, warmup=1.0,
@@ -353,6 +391,15 @@ class Outcome:
     steady_s: float = 0.0  # length of the steady window
     error: str = ""  # why the scenario failed, if it did
     cpu: dict[str, tuple[float, float]] = field(default_factory=dict)  # window -> (our cores, others' cores)
+    # (perf_counter, summed RSS of the router's worker processes, largest single worker's RSS), bytes
+    rss: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def rss_in(self, start: float, end: float) -> tuple[float, float, float]:
+        """(workers' total RSS at the window's start, peak total, peak single worker) in MB."""
+        inside = [r for r in self.rss if start <= r[0] - self.appeared <= end]
+        if not inside:
+            return float("nan"), float("nan"), float("nan")
+        return inside[0][1] / 2**20, max(r[1] for r in inside) / 2**20, max(r[2] for r in inside) / 2**20
 
     @property
     def ok(self) -> bool:
@@ -459,12 +506,11 @@ async def run_load(out: Outcome, router: RouterProcess, admin_url: str | None, b
                    seconds: float, rollout_timeout: float) -> None:
     import aiohttp
     import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     label = out.name
     async with grpc.aio.insecure_channel(router.grpc_address, options=GRPC_OPTIONS) as channel, \
             aiohttp.ClientSession() as session:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stub = predict_stub(channel)
         call = predict_caller(stub, request_feed())
         first = await call()
         if first != 1:
@@ -472,6 +518,7 @@ async def run_load(out: Outcome, router: RouterProcess, admin_url: str | None, b
         loop = OpenLoop(call, rate)
         stop = asyncio.Event()
         meter = CpuMeter([None, router.pid, *router.worker_pids()])
+        rss_task = asyncio.create_task(sample_rss(out, router.pid))
         progress(f"[{label}] steady open-loop load at {rate:,.0f} req/s for {seconds:g}s ...")
         load_task = asyncio.create_task(loop.run(stop=stop, drain_timeout=REQUEST_DEADLINE_S + 5))
         try:
@@ -506,9 +553,28 @@ async def run_load(out: Outcome, router: RouterProcess, admin_url: str | None, b
                 out.rollout = watch.entry
         finally:
             stop.set()
+            rss_task.cancel()
             out.load = await load_task
         progress(f"[{label}] done: {len(out.load):,} requests sent, {out.load.latency_stats().errors} errors, "
                  f"at most {out.load.max_inflight} in flight")
+
+
+async def sample_rss(out: Outcome, router_pid: int, interval: float = 0.05) -> None:
+    """The workers' resident memory over time (surge workers included: children are re-listed each time)."""
+    import psutil
+
+    router = psutil.Process(router_pid)
+    while True:
+        sizes = []
+        for child in router.children(recursive=True):
+            try:
+                if "workers" in " ".join(child.cmdline()):
+                    sizes.append(child.memory_info().rss)
+            except psutil.Error:
+                continue  # exited while we looked
+        if sizes:
+            out.rss.append((time.perf_counter(), sum(sizes), max(sizes)))
+        await asyncio.sleep(interval)
 
 
 def run_scenario(name: str, model_dir: Path, drop: Sequence[str], rate: float, seconds: float,
@@ -521,9 +587,16 @@ def run_scenario(name: str, model_dir: Path, drop: Sequence[str], rate: float, s
         router = start_router(config, name)
         admin_url = router.admin_url()
         progress(f"[{name}] admin API: {admin_url or 'none printed (REST model status will tell the end)'}")
+        # The client's own collector must not pause it mid-measurement: what
+        # start-up built is frozen, and collection is off while the load runs
+        # (a run's garbage is a few hundred MB at most).
         gc.collect()
-        gc.freeze()  # this process holds TensorFlow: keep full collections off its load path
-        run_async(run_load(out, router, admin_url, base, rate, seconds, rollout_timeout))
+        gc.freeze()
+        gc.disable()
+        try:
+            run_async(run_load(out, router, admin_url, base, rate, seconds, rollout_timeout))
+        finally:
+            gc.enable()
     except Exception as exc:  # noqa: BLE001 - reported per scenario
         out.error = error_text(exc)
         progress(f"[{name}] FAILED: {out.error}")
@@ -568,6 +641,14 @@ def report(outcomes: Sequence[Outcome], rate: float, rate_note: str, seconds: fl
     print("(ms from each request's scheduled send time, over all answered requests; max over the whole run; "
           "ratio = during p999 / steady p999; errors over the whole run, by status code)")
 
+    mem_rows = []
+    for out in outcomes:
+        if not out.ok:
+            continue
+        before, peak, single = out.rss_in(-1.0, out.during_s)
+        mem_rows.append([out.name, f"{before:,.0f}", f"{peak:,.0f}", f"{peak - before:+,.0f}", f"{single:,.0f}"])
+    print("worker memory during the update (RSS of every worker process, surge workers included; MB):")
+    print_table(["scenario", "before", "peak during", "growth", "largest worker"], mem_rows)
     print("client lateness (ms its sends went out behind schedule; void when in the steady or during window its "
           "p50 passed 5 ms, its max 500 ms, or its p99 half the latency p99):")
     late_rows = []

@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router.batcher import BatchKey, Batcher
-from router.control.registry import Registry
+from router.control.registry import Registry, VersionWithdrawn
 from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import batch_rows
@@ -51,6 +51,20 @@ class DataPlane:
         return version, find_signature(meta.signatures, spec.signature_name)
 
     async def predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
+        unversioned = request.model_spec.WhichOneof("version_choice") is None
+        try:
+            return await self._predict(request, deadline)
+        except VersionWithdrawn:
+            if not unversioned:
+                raise
+            # Resolved to the default version just before a switch, and that
+            # version left the pool while the request waited: the client asked
+            # for no version, so the new default answers it (once).
+            request.model_spec.ClearField("version")
+            self._on_retry(request.model_spec.name, "version_withdrawn")
+            return await self._predict(request, deadline)
+
+    async def _predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         version, sig = self.signature(spec)
         inputs = request.inputs

@@ -6,21 +6,27 @@ The plan is recomputed from the workers' observed state after every change
 in the middle of a long coroutine, so a worker that dies or restarts half
 way is simply planned for again from what it now holds.
 
-Phases, in the default ``overlap`` mode:
+Two modes.  In ``swap`` mode (the default) a worker, once drained, unloads
+the old versions and then loads the new ones, so it holds one version at a
+time and its load reuses the memory its unload just freed; the pool
+switches the default once at least as many workers in rotation serve the
+new default as the old, then converts the rest:
+
+    load      each worker in turn: drain -> unload old -> load new -> warm -> rejoin
+              (serving the new versions only when asked for, until the switch)
+    switch    unversioned requests move to the new default at one instant
+    load      the remaining workers, the same way
+    rollback  (a failure before the switch) converted workers go back to old
+
+In ``overlap`` mode every worker holds both until the switch:
 
     load      each worker in turn: drain -> load old+new -> warm new -> rejoin
-              (serving the old default; the new versions only when asked for)
-    switch    once every worker holds both: unversioned requests move to the
-              new default at one instant for the whole pool
+    switch    once every worker holds both
     unload    each worker in turn: drain -> unload old -> rejoin
     rollback  (a failure before the switch) each worker: drain -> back to old
 
-In ``swap`` mode (lower memory) a worker unloads the old versions before it
-loads the new ones, so it holds one version at a time; the pool switches
-once at least as many workers in rotation serve the new default as the old,
-and there is no unload phase.  With ``strategy: in_place`` nothing is
-drained or warmed by the router: each worker loads while it serves (TF
-Serving's way, kept for comparison).
+With ``strategy: in_place`` nothing is drained or warmed by the router:
+each worker loads while it serves (TF Serving's way, kept for comparison).
 
 Capacity rules for taking a worker out of rotation: at least
 ``min_serving`` workers keep serving the default version in force, and at

@@ -33,6 +33,10 @@ State = status_pb2.ModelVersionStatus
 _STATE_RANK = {State.AVAILABLE: 5, State.LOADING: 4, State.START: 3, State.UNLOADING: 2, State.END: 1, State.UNKNOWN: 0}
 
 
+class VersionWithdrawn(NotFound):
+    """The version a request was resolved to left the pool before a worker took the request."""
+
+
 @dataclass(frozen=True)
 class VersionMeta:
     model: str
@@ -96,7 +100,7 @@ class Registry:
                 raise Unavailable(f"model {model.name} has no version available right now")
             raise NotFound(f"Servable not found for request: Latest({model.name})")
         if version in available:
-            return version
+            return int(version)
         if version in self.aspired.get(model.name, ()):
             raise Unavailable(f"version {version} of model {model.name} is not available on any worker yet")
         raise NotFound(f"Servable not found for request: Specific({model.name}, {version})")
@@ -105,7 +109,7 @@ class Registry:
         """The error for a request whose version no worker in rotation holds right now."""
         if version in self.aspired.get(model, ()):
             return Unavailable(f"no ready worker serves {model} version {version} right now")
-        return NotFound(f"Servable not found for request: Specific({model}, {version}) (it was unloaded)")
+        return VersionWithdrawn(f"Servable not found for request: Specific({model}, {version}) (it was unloaded)")
 
     def ready(self) -> bool:
         """Every configured model has its default version AVAILABLE on a worker in rotation."""

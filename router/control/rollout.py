@@ -115,6 +115,8 @@ class Rollout:
     blocked: str | None = None
     surge: bool = False
     failed_versions: list[tuple[str, int]] = field(default_factory=list)
+    # An operator's rollout pins versions; a rollback puts the pins back as they were.
+    pins_before: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)  # worker -> its current phase
     events: list[Event] = field(default_factory=list)
 
@@ -336,6 +338,9 @@ class Controller:
         r.ended = self._clock()
         r.blocked = None
         self.current = dict(r.old if r.state == ROLLED_BACK else r.new)
+        if r.state == ROLLED_BACK:
+            for model, pin in r.pins_before.items():
+                self.source.pin(model, pin)
         for m, v in (r.old_default if r.state == ROLLED_BACK else r.new_default).items():
             self.registry.switch(m, v)
         self._event(None, "done", f"rollout {r.id} {r.state.replace('_', ' ')} after "
@@ -378,20 +383,22 @@ class Controller:
         if self.rollout is not None:
             raise RolloutBusy(f"rollout {self.rollout.id} is running ({self.rollout.changes()}); "
                               "abort it or wait for it to end")
+        if version is not None and not self.source.complete(model, version):
+            raise ValueError(f"version {version} of model {model} is not a complete version directory "
+                             f"under {self.registry.model(model).base_path}")
+        pin_before = self.source.pinned(model)
         if version is None:
             for v in list(self.source.failed(model)):
                 self._forget_failure(model, v)
             self.source.pin(model, None)
         else:
-            if not self.source.complete(model, version):
-                raise ValueError(f"version {version} of model {model} is not a complete version directory "
-                                 f"under {self.registry.model(model).base_path}")
             self._forget_failure(model, version)
             self.source.pin(model, [version])
         desired = self.desired()
         if desired == self.current:
             return None
         r = self._begin(desired, reason)
+        r.pins_before[model] = pin_before
         self.wake()
         return r
 
@@ -661,9 +668,9 @@ class Controller:
                                   labels=("model",))
         now = self._clock()
         for m in self.config.models:
-            version = self.registry.default.get(m.name)
-            if version is not None:
-                default.add_metric((m.name,), version)
+            serving = self.registry.default.get(m.name)
+            if serving is not None:
+                default.add_metric((m.name,), serving)
             at = self.registry.switched_at.get(m.name)
             if at is not None:
                 since.add_metric((m.name,), now - at)
@@ -692,4 +699,4 @@ def _pairs(pairs: Iterable[tuple[str, int]]) -> str:
 
 
 def _state_name(state: int) -> str:
-    return status_pb2.ModelVersionStatus.State.Name(state)  # type: ignore[arg-type]
+    return str(status_pb2.ModelVersionStatus.State.Name(state))

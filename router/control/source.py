@@ -183,8 +183,6 @@ class VersionSource:
         seen = state.seen.get(version)
         state.failed[version] = (seen[0] if seen else None, reason)
         state.candidates = tuple(v for v in state.candidates if v != version)
-        if state.pinned is not None and version in state.pinned:
-            state.pinned = None  # a pin to a broken version would only fail again
 
     def retry(self, name: str, version: int) -> None:
         state = self._state[name]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+
+import grpc
 from collections.abc import Iterable, Mapping
 
 from shared.errors import CODE_BY_NUMBER, NotFound, ServingError
@@ -27,12 +29,12 @@ State = status_pb2.ModelVersionStatus
 class LoadFailed(ServingError):
     """A version a worker was told to hold is not AVAILABLE on it."""
 
-    def __init__(self, model: str, version: int, message: str, code: object = None) -> None:
+    def __init__(self, model: str, version: int, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.model = model
         self.version = version
         if code is not None:
-            self.code = code  # type: ignore[assignment]
+            self.code = code
 
 
 class WorkerRestarted(ServingError):

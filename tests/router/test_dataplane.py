@@ -280,3 +280,47 @@ def test_predict_is_normalized_before_dispatch() -> None:
         assert len(fake(a).predicts) == 1  # refused before it cost the worker anything
 
     run(main())
+
+
+def test_unversioned_request_whose_version_is_withdrawn_goes_to_the_new_default() -> None:
+    cfg = config({"name": "m", "base_path": "/m", "batching": {"enabled": False}})
+    a = backend("a", {"m": {1: AVAILABLE, 2: AVAILABLE}}, max_inflight=1)
+    pool = make_pool(a)
+    registry = Registry(cfg, pool)
+    registry.aspired = {"m": (1, 2)}
+    registry.switch("m", 1)
+    retries: list[tuple[str, str]] = []
+    dp = DataPlane(registry, pool, on_retry=lambda m, why: retries.append((m, why)))
+
+    def request(version: int | None = None) -> predict_pb2.PredictRequest:
+        r = predict_pb2.PredictRequest()
+        r.model_spec.name = "m"
+        if version is not None:
+            r.model_spec.version.value = version
+        x = r.inputs["x"]
+        x.dtype = types_pb2.DT_FLOAT
+        x.tensor_shape.dim.add(size=1)
+        x.tensor_shape.dim.add(size=2)
+        x.float_val.extend([1.0, 2.0])
+        return r
+
+    async def main() -> None:
+        await sync.hold(a, cfg.models, {"m": frozenset({1, 2})}, registry, a.generation, 5)
+        assert pool.try_acquire("m", 1) is a  # the only slot is busy: requests wait for it
+        unversioned = asyncio.ensure_future(dp.predict(request(), soon()))
+        explicit = asyncio.ensure_future(dp.predict(request(1), soon()))
+        await asyncio.sleep(0.01)
+        assert pool.queued == 2
+        # The switch, then version 1 leaves the pool while both wait for it.
+        registry.switch("m", 2)
+        registry.aspired = {"m": (2,)}
+        a.versions = {"m": {2: vstatus(2)}}
+        pool.fail_waiters()
+        with pytest.raises(NotFound, match="it was unloaded"):
+            await explicit  # asked for version 1 by name: it is gone
+        pool.release(a, "m")
+        response = await unversioned
+        assert fake(a).predicts[-1].model_spec.version.value == 2 and response is fake(a).ok
+        assert retries == [("m", "version_withdrawn")]
+
+    run(main())

@@ -66,11 +66,13 @@ def first_answer_of(records: list[tuple[float, float, int | None, str]], version
     return min(answered for _, answered, v, _ in records if v == version)
 
 
-def test_rollout_under_load_keeps_every_invariant(model_root: Path, tmp_path: Path, logs_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["swap", "overlap"])
+def test_rollout_under_load_keeps_every_invariant(mode: str, model_root: Path, tmp_path: Path,
+                                                  logs_dir: Path) -> None:
     base = tmp_path / "ctr"
     base.mkdir()
     copy_in(model_root / "ctr" / "1", base, 1, tmp_path)
-    router = start(base, logs_dir)
+    router = start(base, logs_dir, rollout={"mode": mode})
     try:
         unversioned = predict_request("ctr", INPUTS)
         with SteadyLoad(router.channel, unversioned, clients=3) as load, \
@@ -95,7 +97,8 @@ def test_rollout_under_load_keeps_every_invariant(model_root: Path, tmp_path: Pa
         v1_codes = [code for _, _, _, code in old.records]
         first_gone = v1_codes.index("NOT_FOUND") if "NOT_FOUND" in v1_codes else len(v1_codes)
         assert set(v1_codes[:first_gone]) == {"OK"} and set(v1_codes[first_gone:]) <= {"NOT_FOUND"}
-        assert max(answered for _, answered, v, _ in old.records if v == 1) > switch  # served past the switch
+        if mode == "overlap":  # every worker kept version 1 until the switch, and unloads it after
+            assert max(answered for _, answered, v, _ in old.records if v == 1) > switch
         v2_codes = [code for _, _, _, code in new.records]
         first_ok = v2_codes.index("OK")
         assert set(v2_codes[:first_ok]) <= {"UNAVAILABLE", "NOT_FOUND"} and set(v2_codes[first_ok:]) == {"OK"}
@@ -106,10 +109,15 @@ def test_rollout_under_load_keeps_every_invariant(model_root: Path, tmp_path: Pa
         kinds = {(op["kind"], op["version"]) for s in stats.values() for op in s["operations"]}
         assert {("load", 2), ("warmup", 2), ("unload", 1)} <= kinds, kinds
         assert operations_under_traffic(stats) == []
+        if mode == "swap":  # each worker unloaded 1 before it loaded 2: never both
+            for s in stats.values():
+                ops = [(op["kind"], op["version"]) for op in s["operations"] if op["kind"] != "warmup"]
+                assert ops.index(("unload", 1)) < ops.index(("load", 2)), ops
         assert all(s["requests"] > 0 for s in stats.values())  # and both served clients
         phases = [(e["worker"], e["phase"]) for e in rollout["events"]]
         assert phases.index(("w0", "drain")) < phases.index(("w0", "load")) < phases.index(("w0", "warm")) \
             < phases.index(("w0", "join")) < phases.index((None, "switch"))
+        assert rollout["mode"] == mode
     finally:
         assert router.terminate() == 0, router.log()
 

@@ -203,8 +203,8 @@ def test_restarted_worker_is_loaded_and_warmed_before_it_rejoins(tmp_path: Path)
 # -- a rollout ---------------------------------------------------------------------------------------
 
 
-def test_new_version_is_staged_worker_by_worker_then_switched_at_once(tmp_path: Path) -> None:
-    world = World(tmp_path, n=3)
+def test_overlap_mode_stages_worker_by_worker_then_switches_at_once(tmp_path: Path) -> None:
+    world = World(tmp_path, n=3, mode="overlap")
     defaults_at_reload: list[tuple[str, dict[str, tuple[int, ...]], int | None]] = []
 
     async def main() -> None:
@@ -229,19 +229,32 @@ def test_new_version_is_staged_worker_by_worker_then_switched_at_once(tmp_path: 
     run(main)
 
 
-def test_swap_mode_never_holds_two_versions(tmp_path: Path) -> None:
-    world = World(tmp_path, mode="swap")
+def test_swap_mode_never_holds_two_versions_and_switches_at_half(tmp_path: Path) -> None:
+    world = World(tmp_path, n=4)  # swap is the default
+    held_at_switch: list[dict[str, list[int]]] = []
 
     async def main() -> None:
         async with world.running():
+            original = world.registry.switch
+
+            def switch(model: str, version: int | None) -> None:
+                if version == 2:
+                    held_at_switch.append(world.held())
+                original(model, version)
+
+            world.registry.switch = switch  # type: ignore[method-assign]
             world.disk.versions[2] = PB
             world.poll()
             await world.until(lambda: len(world.controller.history) == 2)
-            assert world.controller.history[-1].state == "done" and world.held() == {"w0": [2], "w1": [2]}
-        for name in ("w0", "w1"):
+            assert world.controller.history[-1].state == "done"
+            assert world.held() == {"w0": [2], "w1": [2], "w2": [2], "w3": [2]}
+        for name in ("w0", "w1", "w2", "w3"):
             reloads = [w["m"] for w in world.fake(name).reloads]
             assert reloads[-2:] == [(), (2,)]  # unload first, then load
             assert all(len(r) <= 1 for r in reloads)
+        # The switch came once two of the four served version 2 (and two still served 1).
+        at_switch = held_at_switch[0]  # (the end of the rollout confirms the default once more)
+        assert sorted(map(tuple, at_switch.values())) == [(1,), (1,), (2,), (2,)]
         assert loaded_while_in_rotation(world) == []
 
     run(main)
@@ -291,7 +304,7 @@ def test_pool_of_one_rolls_out_through_a_surge_worker(tmp_path: Path) -> None:
 
 
 def test_a_version_that_fails_to_load_rolls_back_and_is_not_retried(tmp_path: Path) -> None:
-    world = World(tmp_path)
+    world = World(tmp_path, mode="overlap")  # the second worker fails: before the switch only in overlap mode
 
     async def main() -> None:
         async with world.running():
@@ -342,8 +355,26 @@ def test_a_warm_up_answering_nan_rolls_back(tmp_path: Path) -> None:
     run(main)
 
 
+def test_swap_mode_rolls_back_a_failure_before_its_switch(tmp_path: Path) -> None:
+    world = World(tmp_path)
+
+    async def main() -> None:
+        async with world.running():
+            world.fake("w0").broken.add(("m", 2))
+            world.disk.versions[2] = PB
+            world.poll()
+            await world.until(lambda: len(world.controller.history) == 2)
+            r = world.controller.history[-1]
+            assert r.state == "rolled_back" and not r.switched
+            assert world.held() == {"w0": [1], "w1": [1]} and world.registry.default == {"m": 1}
+            assert [w["m"] for w in world.fake("w0").reloads][-3:] == [(), (2,), (1,)]  # unloaded, failed, back
+        assert loaded_while_in_rotation(world) == []
+
+    run(main)
+
+
 def test_worker_lost_while_holding_the_new_version_rolls_back(tmp_path: Path) -> None:
-    world = World(tmp_path, n=3)
+    world = World(tmp_path, n=3, mode="overlap")
 
     async def main() -> None:
         async with world.running():
@@ -369,7 +400,7 @@ def test_worker_lost_while_holding_the_new_version_rolls_back(tmp_path: Path) ->
 
 
 def test_failure_after_the_switch_is_retried_not_rolled_back(tmp_path: Path) -> None:
-    world = World(tmp_path)
+    world = World(tmp_path, mode="overlap")
 
     async def main() -> None:
         async with world.running():

@@ -156,15 +156,6 @@ def test_pin_overrides_the_policy_until_cleared() -> None:
     assert s.wanted("m") == (3,)
 
 
-def test_a_failed_pin_is_dropped() -> None:
-    s = source()
-    for _ in range(2):
-        s.observe("m", {1: fp(), 2: fp(("x", 1, 1))})
-    s.pin("m", [2])
-    s.mark_failed("m", 2, "broken")
-    assert s.pinned("m") is None and s.wanted("m") == (1,)
-
-
 # -- the filesystem --------------------------------------------------------------------------
 
 
