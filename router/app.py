@@ -24,8 +24,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from router.analysis import VersionStats
 from router.batcher import Batcher
 from router.config import Config
+from router.control.canary import CanaryController
 from router.control.registry import Registry
 from router.control.rollout import Controller
 from router.control.source import VersionSource
@@ -68,18 +70,26 @@ class App:
                                     stable_polls=config.source.stable_polls)
         self.controller = Controller(config, self.pool, self.registry, self.source, self.metrics, fleet=self,
                                      on_change=self._publish_states)
-        self.dataplane = DataPlane(self.registry, self.pool, on_retry=self.metrics.retried)
+        self.stats = VersionStats()
+        self.registry.on_route = self.metrics.routing_fallback
+        self.canary = CanaryController(config, self.registry, self.controller, self.stats, self.metrics)
+        self.dataplane = DataPlane(self.registry, self.pool, on_retry=self.metrics.retried,
+                                   on_answer=self._answered)
         self.batcher = Batcher(self.pool, self.dataplane.dispatch, self.metrics)
         self.dataplane.batcher = self.batcher
         self.grpc = GrpcFrontend(config, self.dataplane, self.metrics)
         self.rest = RestFrontend(config, self.dataplane, self.registry, self.metrics)
-        self.admin = AdminFrontend(config.admin, self.controller, token=admin_token())
+        self.admin = AdminFrontend(config.admin, self.controller, self.canary, token=admin_token())
         self.supervisor: sup.Supervisor | None = None
         self._specs: dict[int, sup.WorkerSpec] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health_failures: dict[str, int] = {}
         self._ready = asyncio.Event()
         self._stopping = False
+
+    def _answered(self, model: str, version: int, code: str, seconds: float) -> None:
+        self.metrics.version_answered(model, version, code, seconds)
+        self.stats.record(model, version, code, seconds)
 
     @property
     def grpc_port(self) -> int:
@@ -131,6 +141,7 @@ class App:
             for b in self.pool.backends:
                 self._connect(b)
         self._spawn(self.controller.run(), "rollout-controller")
+        self._spawn(self.canary.run(), "canary-controller")
         self._spawn(self._poll_forever(self.config.poll_interval_s), "poll")
         self._spawn(self._health_loop(), "health")
 
@@ -269,6 +280,7 @@ class App:
         except Exception:  # health state is best effort during shutdown
             pass
         await asyncio.gather(self.grpc.stop(grace), self.rest.stop(), return_exceptions=True)
+        self.canary.stop()
         await self.controller.stop()
         await self.admin.stop()
         await self.batcher.close()

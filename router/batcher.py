@@ -60,6 +60,11 @@ class BatchKey:
     def __hash__(self) -> int:
         return self._hash
 
+    @property
+    def lane(self) -> tuple[str, int]:
+        """Batches of one (model, version) share max_concurrent_batches."""
+        return (self.model, self.version)
+
 
 @dataclass(eq=False)
 class Pending:
@@ -152,10 +157,11 @@ class Batcher:
         self._wakeups: dict[BatchKey, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runners: dict[BatchKey, asyncio.Task[None]] = {}
-        # Per model: batches formed by its queues now in flight, and an event
-        # set whenever one of them finishes (max_concurrent_batches).
-        self._running: dict[str, int] = {}
-        self._batch_done: dict[str, asyncio.Event] = {}
+        # Per (model, version): batches formed by its queues now in flight, and
+        # an event set whenever one of them finishes (max_concurrent_batches).
+        # Per version, so a slow canary cannot hold the stable version's batches back.
+        self._running: dict[tuple[str, int], int] = {}
+        self._batch_done: dict[tuple[str, int], asyncio.Event] = {}
 
     def queued_rows(self, model: str) -> int:
         return sum(q.rows for k, q in self._queues.items() if k.model == model)
@@ -169,13 +175,13 @@ class Batcher:
         now = self._clock()
         future: asyncio.Future[predict_pb2.PredictResponse] = loop.create_future()
         item = Pending(request, rows, deadline, now, future)
-        if not queue.items and key not in self._runners and self._room(key.model, settings):
+        if not queue.items and key not in self._runners and self._room(key.lane, settings):
             # Nothing waits and a slot is free: go at once, from this task (no
             # dispatcher hop), so low load pays nothing for batching.
             backend = self.pool.try_acquire(key.model, key.version, limit=settings.max_inflight_batches)
             if backend is not None:
                 item.queued = False
-                self._claim(key.model)
+                self._claim(key.lane)
                 await self._execute(key, settings, [item], SLOT_FREED, backend)
                 return await future
         try:
@@ -200,7 +206,7 @@ class Batcher:
         queue = self._queues[key] = BatchQueue(settings)
         self._wakeups[key] = asyncio.Event()
         model = key.model
-        self._batch_done.setdefault(model, asyncio.Event())
+        self._batch_done.setdefault(key.lane, asyncio.Event())
         self.metrics.track_queue_depth(model, lambda: self.queued_rows(model))
         return queue
 
@@ -223,11 +229,11 @@ class Batcher:
                     except asyncio.TimeoutError:
                         pass
                     continue
-                if not self._room(key.model, queue.settings):
-                    # As many of this model's batches in flight as allowed: the
+                if not self._room(key.lane, queue.settings):
+                    # As many of this version's batches in flight as allowed: the
                     # next one forms when one of them is done.  (Queued requests
                     # still expire on their own timers meanwhile.)
-                    done = self._batch_done[key.model]
+                    done = self._batch_done[key.lane]
                     done.clear()
                     await done.wait()
                     continue
@@ -244,15 +250,15 @@ class Batcher:
                             item.future.set_exception(exc)
                     queue.items.clear()
                     continue
-                if not self._room(key.model, queue.settings):
-                    # Another queue of the model sent a batch while this one waited for a slot.
+                if not self._room(key.lane, queue.settings):
+                    # Another queue of the version sent a batch while this one waited for a slot.
                     self.pool.release(backend, key.model)
                     continue
                 batch, trigger = queue.take(self._clock())
                 if not batch:
                     self.pool.release(backend, key.model)
                     continue
-                self._claim(key.model)
+                self._claim(key.lane)
                 task = asyncio.get_running_loop().create_task(self._execute(key, queue.settings, batch, trigger, backend))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -289,8 +295,8 @@ class Batcher:
             _fail(batch, Internal(f"{type(exc).__name__}: {exc}"))
         finally:
             self.pool.release(backend, key.model)
-            self._running[key.model] -= 1
-            self._batch_done[key.model].set()
+            self._running[key.lane] -= 1
+            self._batch_done[key.lane].set()
         if outcome == "isolate":
             # One bad request must not fail the others: each member alone.
             self.metrics.retried(key.model, "batch_invalid_argument")
@@ -299,14 +305,14 @@ class Batcher:
             self.metrics.retried(key.model, "worker_unavailable")
             await self._send(key, settings, batch, backend)
 
-    def _room(self, model: str, settings: BatchingConfig) -> bool:
-        """Whether another batch of ``model`` may go out under max_concurrent_batches."""
+    def _room(self, lane: tuple[str, int], settings: BatchingConfig) -> bool:
+        """Whether another batch of this (model, version) may go out under max_concurrent_batches."""
         cap = settings.max_concurrent_batches
-        return cap == 0 or self._running.get(model, 0) < cap
+        return cap == 0 or self._running.get(lane, 0) < cap
 
-    def _claim(self, model: str) -> None:
+    def _claim(self, lane: tuple[str, int]) -> None:
         """Count a batch that is about to be sent (``_execute`` gives it back)."""
-        self._running[model] = self._running.get(model, 0) + 1  # its event exists: see _new_queue
+        self._running[lane] = self._running.get(lane, 0) + 1  # its event exists: see _new_queue
 
     def _assemble(self, key: BatchKey, batch: list[Pending], settings: BatchingConfig) -> predict_pb2.PredictRequest:
         total = sum(item.rows for item in batch)

@@ -1,9 +1,12 @@
 """The operator's commands: clients of the admin endpoint (``router/frontends/admin.py``).
 
-    tfs-router status                          pool, models and the running rollout, as tables
+    tfs-router status                          pool, models, routing and the running rollout, as tables
     tfs-router rollout MODEL [--version V] [--watch]
+    tfs-router rollout MODEL --abort [--watch] roll the running rollout back
     tfs-router rollback MODEL [--version V] [--watch]
-    tfs-router abort
+    tfs-router canary MODEL --weight N         the canary's share of unversioned traffic
+    tfs-router promote MODEL                   the canary gets all traffic and becomes the default
+    tfs-router abort MODEL                     the canary's weight goes to 0
     tfs-router drain WORKER / undrain WORKER
 
 ``--admin URL`` (default ``http://127.0.0.1:8502``, or ``TFS_ROUTER_ADMIN_URL``)
@@ -101,6 +104,21 @@ def render_status(status: dict[str, Any]) -> str:
               for m in status["models"]]
     out.append("")
     out.append(table(["model", "default", "serving", "on disk", "failed", "pinned"], models))
+    for m in status["models"]:
+        routing = m.get("routing") or {}
+        if routing.get("weights") or (routing.get("routing") or {}).get("rules"):
+            weights = ", ".join(f"v{v} {w}%" for v, w in routing.get("weights", {}).items()) or "-"
+            rules = len((routing.get("routing") or {}).get("rules", []))
+            out.append(f"routing {m['name']}: split {weights}; {rules} header rule(s)"
+                       f"{'; sticky by ' + routing['routing']['sticky_header'] if routing['routing'].get('sticky_header') else ''}")
+        progress = routing.get("progressive")
+        if progress:
+            out.append(f"progressive {m['name']}: {progress['state']}, canary v{progress['canary']} at "
+                       f"{progress['weight']}% (step {progress['step'] + 1} of {len(progress['steps'])}): "
+                       f"{progress['reason'] or 'first interval running'}")
+            if progress["verdicts"]:
+                last = progress["verdicts"][-1]
+                out.append(f"  last comparison: stable {last['stable']}, canary {last['canary']} -> {last['verdict']}")
     rollout = status.get("rollout")
     out.append("")
     if rollout:
@@ -175,10 +193,18 @@ def add_commands(sub: Any) -> None:
         p.add_argument("model")
         p.add_argument("--version", type=int, help="the version to serve")
         p.add_argument("--watch", action="store_true", help="follow the rollout until it ends; exit 1 if rolled back")
+        if name == "rollout":
+            p.add_argument("--abort", action="store_true", help="roll the running rollout back instead")
         admin_flags(p)
-    p = sub.add_parser("abort", help="roll the running rollout back")
-    p.add_argument("--watch", action="store_true", help="follow the rollback until it ends")
+    p = sub.add_parser("canary", help="set the canary's share of a model's unversioned traffic")
+    p.add_argument("model")
+    p.add_argument("--weight", type=int, required=True, help="percent, 0 to 100")
     admin_flags(p)
+    for name, text in (("promote", "the canary gets all traffic and becomes the default; the old version retires"),
+                       ("abort", "the canary's weight goes to 0 (a progression stops)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        admin_flags(p)
     for name in ("drain", "undrain"):
         p = sub.add_parser(name, help=f"{name} a worker (out of / back into rotation)")
         p.add_argument("worker")
@@ -192,6 +218,10 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
             status = client.status()
             print(json.dumps(status, indent=2) if args.json else render_status(status), file=out)
             return EXIT_OK
+        if args.command == "rollout" and args.abort:
+            rollout = client.call("POST", "/v1/admin/rollout/abort")["rollout"]
+            print(f"rollout {rollout['id']}: rolling back", file=out)
+            return watch(client, rollout["id"], out) if args.watch else EXIT_OK
         if args.command in ("rollout", "rollback"):
             body = {"version": args.version} if args.version is not None else {}
             result = client.call("POST", f"/v1/admin/models/{args.model}/{args.command}", body)
@@ -201,10 +231,12 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
                 return EXIT_OK
             print(f"rollout {rollout['id']} started: {describe_rollout(rollout).splitlines()[0]}", file=out)
             return watch(client, rollout["id"], out) if args.watch else EXIT_OK
-        if args.command == "abort":
-            rollout = client.call("POST", "/v1/admin/rollout/abort")["rollout"]
-            print(f"rollout {rollout['id']}: rolling back", file=out)
-            return watch(client, rollout["id"], out) if args.watch else EXIT_OK
+        if args.command in ("canary", "promote", "abort"):
+            body = {"weight": args.weight} if args.command == "canary" else {}
+            result = client.call("POST", f"/v1/admin/models/{args.model}/{args.command}", body)
+            weights = ", ".join(f"version {v}: {w}%" for v, w in result["weights"].items()) or "no split"
+            print(f"{args.model}: {weights}", file=out)
+            return EXIT_OK
         result = client.call("POST", f"/v1/admin/workers/{args.worker}/{args.command}")
         print(f"{result['worker']}: {result['state']}", file=out)
         return EXIT_OK

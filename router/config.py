@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from router.traffic import RoutingError, compile_routing
+
 EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
 
@@ -72,7 +74,7 @@ class BatchingConfig:
     max_batch_size: int = 256  # rows
     batch_timeout_micros: int = 0  # 0: dispatch as soon as a worker slot frees
     max_inflight_batches: int = 1  # per worker (1 measured best on 2 cores: fuller batches)
-    # Batches of this model in flight over all workers together (TF Serving's
+    # Batches of one version of this model in flight over all workers together (TF Serving's
     # num_batch_threads); 0: only the per-worker limit applies.  1 suits
     # models that compute a batch in a few ms (the CTR models this serves):
     # one router's requests fit in one batch at a time, and every extra
@@ -84,12 +86,68 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class RuleConfig:
+    """One header rule of a model's routing: the first that matches decides the version."""
+
+    header: str  # HTTP header or gRPC metadata key, matched case-insensitively
+    version: str | int  # a label or a version number
+    equals: str | int = ""
+    one_of: tuple[str | int, ...] = ()
+    matches: str = ""  # a regular expression the whole value must match
+    present: bool = False  # the header is there, whatever its value
+
+
+@dataclass(frozen=True)
+class ProgressiveConfig:
+    """Automatic canary steps: each held for interval_s, checked, then the next (empty steps: off)."""
+
+    steps: tuple[int, ...] = ()  # canary weights in percent, e.g. [5, 25, 50, 100]
+    interval_s: float = 60.0
+    min_requests: int = 100  # canary requests an interval needs before it is judged
+    max_error_rate_delta: float = 0.01  # canary error rate minus stable's, at most
+    max_p99_ratio: float = 1.5  # canary p99 over stable's, at most
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Which version answers requests that name none (``docs``: README, Canary)."""
+
+    rules: tuple[RuleConfig, ...] = ()
+    split: dict[str, int] = field(default_factory=dict)  # label or version -> percent; sums to 100
+    sticky_header: str = ""  # same value, same version; absent: chosen per request
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+
+    def document(self) -> dict[str, Any]:
+        """This block in the admin API's JSON form (empty fields left out)."""
+        doc: dict[str, Any] = {}
+        rules = []
+        for r in self.rules:
+            rule: dict[str, Any] = {"header": r.header, "version": r.version}
+            for key in ("equals", "one_of", "matches", "present"):
+                value = getattr(r, key)
+                if value not in ("", (), False):
+                    rule[key] = list(value) if isinstance(value, tuple) else value
+            rules.append(rule)
+        if rules:
+            doc["rules"] = rules
+        if self.split:
+            doc["split"] = dict(self.split)
+        if self.sticky_header:
+            doc["sticky_header"] = self.sticky_header
+        if self.progressive.steps:
+            doc["progressive"] = {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in dataclasses.asdict(self.progressive).items()}
+        return doc
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     base_path: str
     version_policy: str = "latest"  # latest | latest:N | all | specific:V[,V...]
     version_labels: dict[str, int] = field(default_factory=dict)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def policy(self) -> tuple[str, tuple[int, ...]]:
         """(kind, numbers): ("latest", (N,)), ("all", ()), ("specific", (v, ...))."""
@@ -210,6 +268,11 @@ def _join(path: str, key: str) -> str:
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is dict:
+        key_t, _ = typing.get_args(hint)
+        if isinstance(value, dict) and key_t is str:
+            # A YAML key written as a number (``split: {1: 90, 2: 10}``) names a version.
+            value = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, path)
     if origin is tuple:
@@ -223,7 +286,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         return {_convert(key_t, k, path): _convert(val_t, v, f"{path}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{path}: unsupported config type {hint}")  # pragma: no cover
+        # Scalars only (``str | int``: a label or a version number), taken as written.
+        members = typing.get_args(hint)
+        if isinstance(value, bool) or not isinstance(value, members):
+            names = " or ".join(m.__name__ for m in members)
+            raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -259,6 +327,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.batching.max_concurrent_batches: must be >= 0 (0: no limit)")
         if b.batch_timeout_micros < 0:
             raise ConfigError(f"{where}.batching.batch_timeout_micros: must be >= 0")
+        try:
+            compile_routing(m.routing.document(), m.version_labels)
+        except RoutingError as exc:
+            raise ConfigError(f"{where}.routing: {exc}") from None
         sizes = list(b.allowed_batch_sizes)
         if sizes and (sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != b.max_batch_size):
             raise ConfigError(

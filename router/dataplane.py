@@ -22,7 +22,8 @@ from google.protobuf import any_pb2
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router.batcher import BatchKey, Batcher
 from router.control.registry import Registry, VersionWithdrawn
-from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from router.traffic import Headers
+from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError, Unavailable
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import batch_rows
 from shared.signature import Signature, find_signature
@@ -35,38 +36,65 @@ T = TypeVar("T")
 RetryHook = Callable[[str, str], None]
 
 
+AnswerHook = Callable[[str, int, str, float], None]  # model, version, code, seconds
+
+
 class DataPlane:
     def __init__(self, control: Registry, pool: Pool, *, on_retry: RetryHook | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 on_answer: AnswerHook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
         self.pool = pool
         self.batcher: Batcher | None = None  # set by the composition root
         self._on_retry = on_retry or (lambda model, reason: None)
+        # Every Predict answered, with the version that answered (or was chosen):
+        # per-version metrics and the canary analysis read these.
+        self.on_answer = on_answer or (lambda model, version, code, seconds: None)
         self._clock = clock
 
-    def signature(self, spec: model_pb2.ModelSpec) -> tuple[int, Signature]:
+    def signature(self, spec: model_pb2.ModelSpec, headers: Headers | None = None) -> tuple[int, Signature]:
         """Resolve a ModelSpec to (version, signature) from the cache."""
-        version = self.control.resolve(spec)
+        version = self.control.resolve(spec, headers)
         meta = self.control.metadata(spec.name, version)
         return version, find_signature(meta.signatures, spec.signature_name)
 
-    async def predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
-        unversioned = request.model_spec.WhichOneof("version_choice") is None
-        try:
-            return await self._predict(request, deadline)
-        except VersionWithdrawn:
-            if not unversioned:
-                raise
-            # Resolved to the default version just before a switch, and that
-            # version left the pool while the request waited: the client asked
-            # for no version, so the new default answers it (once).
-            request.model_spec.ClearField("version")
-            self._on_retry(request.model_spec.name, "version_withdrawn")
-            return await self._predict(request, deadline)
+    async def predict(self, request: predict_pb2.PredictRequest, deadline: float, headers: Headers | None = None,
+                      routed: bool = False) -> predict_pb2.PredictResponse:
+        """Answer a Predict.
 
-    async def _predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
+        ``headers``: the request's headers or gRPC metadata, for the model's
+        routing rules and sticky split.  ``routed``: the request's version was
+        chosen by the router (the REST front resolves it first), not named by
+        the client.
+        """
         spec = request.model_spec
-        version, sig = self.signature(spec)
+        chosen_by_router = routed or spec.WhichOneof("version_choice") is None
+        start = self._clock()
+        version: int | None = None
+        try:
+            version, sig = self.signature(spec, headers)
+            try:
+                response = await self._predict(request, version, sig, deadline)
+            except VersionWithdrawn:
+                if not chosen_by_router:
+                    raise
+                # Resolved to a version that left the pool while the request
+                # waited (the default, just before a switch): the client named
+                # no version, so the version it would get now answers (once).
+                spec.ClearField("version")
+                self._on_retry(spec.name, "version_withdrawn")
+                version, sig = self.signature(spec, headers)
+                response = await self._predict(request, version, sig, deadline)
+        except ServingError as exc:
+            if version is not None:
+                self.on_answer(spec.name, version, exc.code.name, self._clock() - start)
+            raise
+        assert version is not None
+        self.on_answer(spec.name, version, "OK", self._clock() - start)
+        return response
+
+    async def _predict(self, request: predict_pb2.PredictRequest, version: int, sig: Signature,
+                       deadline: float) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
         inputs = request.inputs
         plan = sig.plan(inputs, request.output_filter)
         spec.version.value = version  # explicit from here on (clears a label)

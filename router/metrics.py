@@ -296,8 +296,25 @@ class Metrics:
         )
         self._tf = _TfServingCollector()
         r.register(self._tf)
-        self._control: Callable[[], Iterable[Metric]] | None = None
-        r.register(_Callback(lambda: self._control() if self._control else ()))
+        self._version_requests = Counter(
+            "tfs_router_version_requests", "Predict requests by the version that answered them (or was chosen).",
+            ("model", "version", "code"), registry=r,
+        )
+        self._version_latency = Histogram(
+            "tfs_router_version_latency_seconds", "Predict latency in the router by the version that answered.",
+            ("model", "version"), buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._routing_fallbacks = Counter(
+            "tfs_router_routing_fallbacks", "Requests a routing rule or split sent to a version no worker in "
+            "rotation held, answered by the default version instead.", ("model", "reason"), registry=r,
+        )
+        self._canary_verdicts = Counter(
+            "tfs_router_canary_verdicts", "Progressive delivery verdicts (hold, advance, abort).",
+            ("model", "verdict"), registry=r,
+        )
+        self._version_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
+        self._callbacks: list[Callable[[], Iterable[Metric]]] = []
+        r.register(_Callback(lambda: [f for read in self._callbacks for f in read()]))
 
         self._request_slots: dict[tuple[str, str, str, str], _RequestSlot] = {}
         self._inflight_children: dict[str, Gauge] = {}
@@ -467,7 +484,29 @@ class Metrics:
 
     def track_control(self, read: Callable[[], Iterable[Metric]]) -> None:
         """Series computed from the control plane's state at scrape time (versions held, defaults)."""
-        self._control = read
+        self._callbacks.append(read)
+
+    track_routing = track_control  # the split weights and canary progressions, the same way
+
+    # -- versions and routing --------------------------------------------------
+
+    def version_answered(self, model: str, version: int, code: str, seconds: float) -> None:
+        key = (model, version, code)
+        children = self._version_children.get(key)
+        if children is None:
+            children = self._version_children[key] = (
+                self._version_requests.labels(model, str(version), code),
+                self._version_latency.labels(model, str(version)),
+            )
+        count, latency = children
+        count.inc()
+        latency.observe(seconds)
+
+    def routing_fallback(self, model: str, reason: str) -> None:
+        self._routing_fallbacks.labels(model, reason).inc()
+
+    def canary_verdict(self, model: str, verdict: str) -> None:
+        self._canary_verdicts.labels(model, verdict).inc()
 
     # -- exposition -----------------------------------------------------------
 

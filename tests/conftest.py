@@ -100,3 +100,44 @@ def nan_model(model_root: Path) -> Path:
     """``<root>/nan/3``: answers NaN for every request."""
     build_nan_version(model_root / "nan", 3)
     return model_root / "nan" / "3"
+
+
+def build_slow_version(out_dir: Path, version: int, matmuls: int = 60) -> Path:
+    """A CTR version with the demo model's signatures and answers, several times slower per call:
+    each call also multiplies a 384x384 matrix ``matmuls`` times (made from its input, so nothing folds it)."""
+    import tensorflow as tf
+
+    from workers import demo_model as dm
+
+    inner = dm.CtrModule(dm.ctr_weights(version, TEST_VOCAB))
+
+    class Slow(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="slow")
+            self.inner = inner
+
+        @tf.function(input_signature=inner.serve.input_signature)
+        def serve(self, user_id: tf.Tensor, item_id: tf.Tensor, category: tf.Tensor, city: tf.Tensor,
+                  device: tf.Tensor, dense: tf.Tensor) -> dict[str, tf.Tensor]:
+            out = self.inner.serve(user_id, item_id, category, city, device, dense)
+            m = tf.fill([384, 384], 1e-3 + 0.0 * tf.reduce_sum(dense))
+            m = tf.while_loop(lambda i, x: i < matmuls, lambda i, x: (i + 1, tf.tanh(tf.matmul(x, x))),
+                              [tf.constant(0), m])[1]
+            tiny = 1e-30 * tf.reduce_sum(m)
+            return {"logit": out["logit"] + tiny, "probability": out["probability"] + tiny}
+
+    module = Slow()
+    target = out_dir / str(version)
+    tf.saved_model.save(module, str(target), signatures={
+        dm.SERVING_DEFAULT: module.serve.get_concrete_function(),
+        dm.USER_EMBEDDING: inner.user_embedding.get_concrete_function(),
+        dm.SCORE_PAIRS: inner.score_pairs.get_concrete_function(),
+    })
+    return target
+
+
+@pytest.fixture(scope="session")
+def slow_model(model_root: Path) -> Path:
+    """``<root>/slow/2``: version 2's answers, several times slower."""
+    build_slow_version(model_root / "slow", 2)
+    return model_root / "slow" / "2"

@@ -16,6 +16,7 @@ old one.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from shared.signature import Signature
 from protos import metadata_pb2, model_pb2, status_pb2
 from router.config import Config, ModelConfig
 from router.pool import DEAD, Pool, Transport
+from router.traffic import Headers, Routing
 
 log = logging.getLogger("router.control.registry")
 
@@ -59,6 +61,12 @@ class Registry:
         self.switched_at: dict[str, float] = {}
         self._meta: dict[tuple[str, int], VersionMeta] = {}
         self._clock = clock
+        # Labels may move at run time (a promoted canary becomes "stable").
+        self.labels: dict[str, dict[str, int]] = {m.name: dict(m.version_labels) for m in config.models}
+        # Per model: header rules and the weighted split (router/traffic.py); set by the canary controller.
+        self.routing: dict[str, Routing] = {}
+        self.draw: Callable[[], float] = random.random
+        self.on_route: Callable[[str, str], None] = lambda model, why: None
         pool.unservable = self.unservable
 
     def model(self, name: str) -> ModelConfig:
@@ -80,8 +88,14 @@ class Registry:
 
     # -- resolution --------------------------------------------------------------
 
-    def resolve(self, spec: model_pb2.ModelSpec) -> int:
-        """The version a request is served by (TF Serving's rules, over the whole pool)."""
+    def resolve(self, spec: model_pb2.ModelSpec, headers: Headers | None = None) -> int:
+        """The version a request is served by.
+
+        A version or label the request names; else the model's routing (the
+        first header rule that matches, then the weighted split); else the
+        default version.  A version routing picks that no worker in rotation
+        holds falls back to the default (counted, never an error).
+        """
         model = self.model(spec.name)
         available = self.pool.available_versions(model.name)
         choice = spec.WhichOneof("version_choice")
@@ -89,10 +103,18 @@ class Registry:
             version = spec.version.value
         elif choice == "version_label":
             label = spec.version_label
-            if label not in model.version_labels:
+            labels = self.labels[model.name]
+            if label not in labels:
                 raise InvalidArgument(f"Unrecognized servable version label: {label}")
-            version = model.version_labels[label]
+            version = labels[label]
         else:
+            routing = self.routing.get(model.name)
+            if routing is not None:
+                routed, why = routing.choose(headers, self.draw)
+                if routed is not None:
+                    if routed in available:
+                        return routed
+                    self.on_route(model.name, f"{why}_unavailable")
             default = self.default.get(model.name)
             if default is not None and default in available:
                 return default
@@ -104,6 +126,10 @@ class Registry:
         if version in self.aspired.get(model.name, ()):
             raise Unavailable(f"version {version} of model {model.name} is not available on any worker yet")
         raise NotFound(f"Servable not found for request: Specific({model.name}, {version})")
+
+    def served(self, model: str) -> set[int]:
+        """Versions a routing block may name: those served or about to be."""
+        return set(self.aspired.get(model, ())) | self.pool.available_versions(model)
 
     def unservable(self, model: str, version: int) -> ServingError:
         """The error for a request whose version no worker in rotation holds right now."""
@@ -171,9 +197,10 @@ class Registry:
                 merged[version] = failed
         choice = spec.WhichOneof("version_choice")
         if choice == "version_label":
-            if spec.version_label not in model.version_labels:
+            labels = self.labels[model.name]
+            if spec.version_label not in labels:
                 raise InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
-            wanted: int | None = model.version_labels[spec.version_label]
+            wanted: int | None = labels[spec.version_label]
         else:
             wanted = spec.version.value if choice == "version" else None
         versions = sorted(merged) if wanted is None else [v for v in merged if v == wanted]

@@ -7,6 +7,11 @@
     POST /v1/admin/rollout/abort                   roll the running rollout back (before its switch)
     POST /v1/admin/workers/{worker}/drain          out of rotation until undrained
     POST /v1/admin/workers/{worker}/undrain
+    GET  /v1/admin/models/{model}/routing          the routing block (rules, split, sticky_header, progressive)
+    PUT  /v1/admin/models/{model}/routing          a new one, validated and applied at once
+    POST /v1/admin/models/{model}/canary           {"weight": N}: the canary's share of the split
+    POST /v1/admin/models/{model}/promote          the canary gets all traffic and becomes the default
+    POST /v1/admin/models/{model}/abort            the canary's weight goes to 0
 
 It listens on 127.0.0.1:8502 by default (``admin.host``, ``admin.port``).
 With ``TFS_ROUTER_ADMIN_TOKEN`` set, every request needs ``Authorization:
@@ -29,7 +34,9 @@ from aiohttp import web
 
 from shared.errors import BindError
 from router.config import AdminConfig, ConfigError
+from router.control.canary import CanaryController
 from router.control.rollout import Controller, RolloutBusy
+from router.traffic import RoutingError
 
 log = logging.getLogger("router.admin")
 
@@ -59,12 +66,14 @@ def _error(message: str, status: int) -> web.Response:
 
 
 class AdminFrontend:
-    def __init__(self, config: AdminConfig, controller: Controller, *, token: str) -> None:
+    def __init__(self, config: AdminConfig, controller: Controller, canary: CanaryController, *,
+                 token: str) -> None:
         if config.port >= 0 and not token and not is_loopback(config.host):
             raise ConfigError(f"admin.host: {config.host} is not a loopback address; set {TOKEN_ENV} "
                               "to a secret token to expose the admin endpoint there")
         self.config = config
         self.controller = controller
+        self.canary = canary
         self._token = token.encode()
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -86,10 +95,12 @@ class AdminFrontend:
             return response
         except RolloutBusy as exc:
             return _error(str(exc), 409)
+        except RoutingError as exc:
+            return _error(f"routing not changed: {exc}", 400)
         except (ValueError, KeyError) as exc:
             return _error(str(exc).strip("'\""), 400)
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _json(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         if not raw.strip():
             return {}
@@ -99,6 +110,10 @@ class AdminFrontend:
             raise ValueError(f"body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object")
+        return body
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        body = await self._json(request)
         unknown = set(body) - {"version"}
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}; only 'version' is accepted")
@@ -119,7 +134,10 @@ class AdminFrontend:
         return _json({"rollout": rollout.to_json()}, 202)
 
     async def _status(self, request: web.Request) -> web.Response:
-        return _json(self.controller.status())
+        status = self.controller.status()
+        for m in status["models"]:
+            m["routing"] = self.canary.status(m["name"])
+        return _json(status)
 
     async def _rollout(self, request: web.Request) -> web.Response:
         model = self._model(request)
@@ -146,6 +164,31 @@ class AdminFrontend:
             return _error(f"no worker named {name!r}", 404)
         return _json({"worker": backend.name, "state": backend.state, "cordoned": backend.cordoned})
 
+    async def _get_routing(self, request: web.Request) -> web.Response:
+        return _json(self.canary.get(self._model(request)))
+
+    async def _put_routing(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        return _json(self.canary.apply(model, await self._json(request)))
+
+    async def _canary(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        body = await self._json(request)
+        if set(body) != {"weight"}:
+            raise ValueError('body must be {"weight": N}')
+        self.canary.set_weight(model, body["weight"])
+        return _json(self.canary.status(model))
+
+    async def _promote(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        self.canary.promote(model)
+        return _json(self.canary.status(model))
+
+    async def _abort_canary(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        self.canary.abort(model)
+        return _json(self.canary.status(model))
+
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024)
         app.router.add_get("/v1/admin/status", self._status)
@@ -153,6 +196,11 @@ class AdminFrontend:
         app.router.add_post("/v1/admin/models/{model}/rollback", self._rollback)
         app.router.add_post("/v1/admin/rollout/abort", self._abort)
         app.router.add_post("/v1/admin/workers/{worker}/{action:drain|undrain}", self._drain)
+        app.router.add_get("/v1/admin/models/{model}/routing", self._get_routing)
+        app.router.add_put("/v1/admin/models/{model}/routing", self._put_routing)
+        app.router.add_post("/v1/admin/models/{model}/canary", self._canary)
+        app.router.add_post("/v1/admin/models/{model}/promote", self._promote)
+        app.router.add_post("/v1/admin/models/{model}/abort", self._abort_canary)
         return app
 
     async def start(self) -> None:

@@ -53,7 +53,8 @@ class GrpcFrontend:
         return time.monotonic() + remaining
 
     def _handler(self, api: str, model_of: Callable[[Any], str],
-                 fn: Callable[[Any, float], Awaitable[Any]]) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+                 fn: Callable[[Any, float], Awaitable[Any]],
+                 with_context: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         metrics = self.metrics
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -64,6 +65,8 @@ class GrpcFrontend:
             model = ""
             try:
                 model = model_of(request)
+                if with_context:
+                    return await fn(request, self._deadline(context), context)  # type: ignore[call-arg]
                 return await fn(request, self._deadline(context))
             except ServingError as exc:
                 code = exc.code.name
@@ -83,8 +86,18 @@ class GrpcFrontend:
 
         return handle
 
-    async def _predict(self, request: predict_pb2.PredictRequest, deadline: float) -> predict_pb2.PredictResponse:
-        return await self.dp.predict(request, deadline)
+    async def _predict(self, request: predict_pb2.PredictRequest, deadline: float,
+                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+        metadata = context.invocation_metadata() or ()
+
+        def header(name: str) -> str | None:
+            # gRPC metadata keys arrive in lower case; the model's routing asks by lower-case name.
+            for key, value in metadata:
+                if key == name:
+                    return value if isinstance(value, str) else None
+            return None
+
+        return await self.dp.predict(request, deadline, header)
 
     async def _metadata(self, request: metadata_pb2.GetModelMetadataRequest, deadline: float) -> metadata_pb2.GetModelMetadataResponse:
         return self.dp.metadata(request)
@@ -110,16 +123,18 @@ class GrpcFrontend:
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(api: str, fn: Any, req: Any = None, resp: Any = None,
-                  model_of: Callable[[Any], str] = lambda r: r.model_spec.name) -> grpc.RpcMethodHandler:
+                  model_of: Callable[[Any], str] = lambda r: r.model_spec.name,
+                  with_context: bool = False) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                self._handler(api, model_of, fn),
+                self._handler(api, model_of, fn, with_context),
                 request_deserializer=req.FromString if req else None,
                 response_serializer=resp.SerializeToString if resp else None,
             )
 
         raw_model: Callable[[Any], str] = lambda body: ""
         prediction = {
-            "Predict": unary("Predict", self._predict, predict_pb2.PredictRequest, predict_pb2.PredictResponse),
+            "Predict": unary("Predict", self._predict, predict_pb2.PredictRequest, predict_pb2.PredictResponse,
+                             with_context=True),
             "GetModelMetadata": unary("GetModelMetadata", self._metadata, metadata_pb2.GetModelMetadataRequest,
                                       metadata_pb2.GetModelMetadataResponse),
             "Classify": unary("Classify", self._forward("Classify"), model_of=raw_model),

@@ -131,7 +131,9 @@ class RestFrontend:
 
     async def _predict(self, request: web.Request, spec: model_pb2.ModelSpec) -> tuple[bytes, dict[str, str]]:
         deadline = time.monotonic() + self.config.limits.default_deadline_s
-        version = self.control.resolve(spec)
+        headers = request.headers.get  # case-insensitive, as the model's routing rules match
+        routed = spec.WhichOneof("version_choice") is None
+        version = self.control.resolve(spec, headers)
         meta = self.control.metadata(spec.name, version)
 
         def input_dtypes(signature_name: str) -> dict[str, int]:
@@ -146,7 +148,7 @@ class RestFrontend:
         req.model_spec.signature_name = sig.name
         for name, array in parsed.inputs.items():
             fill(req.inputs[name], array, sig.inputs[name].dtype if name in sig.inputs else None)
-        resp = await self.dp.predict(req, deadline)
+        resp = await self.dp.predict(req, deadline, headers, routed=routed)
         outputs = {name: to_numpy(t) for name, t in resp.outputs.items()}
         body = rest_json.format_predict_response(outputs, parsed.row_format)
         return body, {"x-model-version": str(resp.model_spec.version.value)}
