@@ -39,6 +39,7 @@ stderr.  Exits 1 if any request failed.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 from collections import Counter
 import os
@@ -87,6 +88,9 @@ TARGET_P99_VS_DIRECT = 0.5  # coalescing p99 / direct worker p99, below
 TARGET_VS_CEILING = 0.7  # coalescing throughput / fixed-reply throughput, at least
 TARGET_C1_P99_MS = 0.5  # c=1 p99 with coalescing - p99 without, at most
 TARGET_REST = 2.0  # router REST throughput / inline aiohttp throughput, at least
+TARGET_SPLIT = 0.95  # coalescing throughput with a 90/10 sticky split / without, at least
+SPLIT_HEADER = "x-user-id"
+SPLIT_KEYS = 10_000  # distinct sticky keys the clients cycle through
 
 
 @dataclass
@@ -96,9 +100,10 @@ class Targets:
     direct: WorkerProcess
     fixed: ListeningProcess
     inline: ListeningProcess
+    split: RouterProcess  # coalescing, versions 1 and 2, a 90/10 split sticky by SPLIT_HEADER
 
     def all(self) -> list[Any]:
-        return [self.coalescing, self.plain, self.direct, self.fixed, self.inline]
+        return [self.coalescing, self.plain, self.direct, self.fixed, self.inline, self.split]
 
 
 @dataclass
@@ -149,6 +154,16 @@ def router_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def split_config(model_dir: Path) -> dict[str, Any]:
+    """The default config serving versions 1 and 2, 90/10, sticky by ``SPLIT_HEADER``."""
+    config = router_config(model_dir)
+    for model in config["models"]:
+        if model["name"] == MODEL_NAME:
+            model.update(version_policy="specific:1,2", version_labels={"stable": 1, "canary": 2},
+                         routing={"split": {"stable": 90, "canary": 10}, "sticky_header": SPLIT_HEADER})
+    return config
+
+
 def start_all(model_dir: Path, started: list[Any]) -> Targets:
     """Starts every target (they load in parallel) and waits until all are up.
 
@@ -166,9 +181,12 @@ def start_all(model_dir: Path, started: list[Any]) -> Targets:
     started.append(ListeningProcess("loadtest.fixed_reply"))
     progress("starting inline aiohttp server (loads the model) ...")
     started.append(ListeningProcess("loadtest.inline_rest", ["--model-dir", str(model_dir)]))
+    progress("starting router with a 90/10 sticky split between versions 1 and 2 ...")
+    started.append(RouterProcess(split_config(model_dir)))
     targets = Targets(*started)
     workers = int(config.get("workers", {}).get("count", 2))  # 2: the config's own default
-    for name, router in (("coalescing router", targets.coalescing), ("router without batching", targets.plain)):
+    for name, router in (("coalescing router", targets.coalescing), ("router without batching", targets.plain),
+                         ("router with a split", targets.split)):
         ready = router.wait_ready(workers=workers)
         progress(f"{name} pid {router.pid} on {router.grpc_address} / {router.rest_url} ready ({ready:.1f}s), "
                  f"workers {router.worker_pids()}")
@@ -362,6 +380,66 @@ async def interleaved_c1(pair: Sequence[tuple[str, str, Mapping[str, int | None]
     return [merged(label, got) for (label, _, _), got in zip(pair, parts)]
 
 
+async def interleaved_split(pair: Sequence[tuple[str, str, Mapping[str, int | None]]], requests: Sequence[Any],
+                            seconds: float) -> list[LoadResult]:
+    """Concurrency HIGH on three targets turn about (``C1_ROUNDS`` windows each, pooled).
+
+    ``pair``: the router without routing, then the router with the 90/10
+    sticky split, measured twice: once choosing versions itself from each
+    request's sticky key (``SPLIT_HEADER``, cycling over ``SPLIT_KEYS``
+    users), once with the same 90/10 of versions named by the client.  The
+    first comparison is the whole cost of a canary (two versions' batches
+    instead of one); the second, the cost of routing alone.
+    """
+    import contextlib
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from router.traffic import bucket
+
+    feeds = itertools.cycle(requests)
+    users = [f"user-{i}" for i in range(SPLIT_KEYS)]
+    keys = itertools.cycle([((SPLIT_HEADER, u),) for u in users])
+    named = []
+    for u in users[:len(requests) * 50]:
+        r = copy.deepcopy(requests[len(named) % len(requests)])
+        r.model_spec.version.value = 2 if bucket(u) >= 90 else 1  # the router's own layout: v1 [0, 90), v2 [90, 100)
+        named.append(r)
+    named_feed = itertools.cycle(named)
+    (plain_label, plain_address, plain_pids), (split_label, split_address, split_pids) = pair
+    targets = [(plain_label, plain_address, plain_pids, "routed"), (split_label, split_address, split_pids, "routed"),
+               ("coalescing, 90/10 named by clients", split_address, split_pids, "named")]
+    seen: list[set[int]] = [set() for _ in targets]
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = []
+        for _, address, _, _ in targets:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+            stubs.append(prediction_service_pb2_grpc.PredictionServiceStub(channel))
+
+        def caller(stub: Any, versions: set[int], how: str) -> Any:
+            async def routed() -> None:
+                resp = await stub.Predict(next(feeds), metadata=next(keys), timeout=30)
+                versions.add(resp.model_spec.version.value)
+
+            async def by_client() -> None:
+                resp = await stub.Predict(next(named_feed), timeout=30)
+                versions.add(resp.model_spec.version.value)
+            return routed if how == "routed" else by_client
+
+        for stub, versions, (_, _, _, how) in zip(stubs, seen, targets):  # warm-up, unmeasured
+            await closed_loop(caller(stub, versions, how), concurrency=HIGH, seconds=WARMUP_S, warmup=0.0)
+        parts: list[list[LoadResult]] = [[] for _ in targets]
+        for _ in range(C1_ROUNDS):
+            for (label, _, pids, how), stub, versions, got in zip(targets, stubs, seen, parts):
+                got.append(await closed_loop(caller(stub, versions, how), concurrency=HIGH,
+                                             seconds=seconds / C1_ROUNDS, warmup=0.0, label=label, cpu_pids=pids))
+    progress("  versions that answered: " + ", ".join(f"{t[0]} {sorted(v)}" for t, v in zip(targets, seen)))
+    if seen[1] != {1, 2} or seen[2] != {1, 2}:
+        raise RuntimeError(f"the split router answered with versions {sorted(seen[1])}, expected 1 and 2")
+    return [merged(t[0], got) for t, got in zip(targets, parts)]
+
+
 # -- the benchmark ----------------------------------------------------------------
 
 
@@ -384,7 +462,9 @@ async def measure(t: Targets, seconds: float) -> tuple[list[LoadResult], list[Ba
         ("REST inline aiohttp", f"{t.inline.url}/v1/models/{MODEL_NAME}:predict",
          {"client": None, "server": t.inline.pid}),
     ]
-    steps = len(grpc_steps) + 1 + len(rest_steps)
+    split_pair = [("coalescing, no routing", t.coalescing.grpc_address, co_pids),
+                  ("coalescing, 90/10 split", t.split.grpc_address, router_pids(t.split))]
+    steps = len(grpc_steps) + 2 + len(rest_steps)
     results: list[LoadResult] = []
     stats: list[BatchStats] = []
     step = 0
@@ -419,6 +499,12 @@ async def measure(t: Targets, seconds: float) -> tuple[list[LoadResult], list[Ba
     progress(f"[{step}/{steps}] gRPC coalescing and no coalescing, concurrency 1, turn about "
              f"({C1_ROUNDS} x {seconds / C1_ROUNDS:g}s each) ...")
     for r in await interleaved_c1(c1_pair, requests, expected[0], seconds):
+        done(r)
+
+    step += 1
+    progress(f"[{step}/{steps}] gRPC coalescing with and without a 90/10 sticky split, concurrency {HIGH}, "
+             f"turn about ({C1_ROUNDS} x {seconds / C1_ROUNDS:g}s each) ...")
+    for r in await interleaved_split(split_pair, requests, seconds):
         done(r)
 
     for label, url, pids in rest_steps:
@@ -469,6 +555,10 @@ def report(results: Sequence[LoadResult], stats: Sequence[BatchStats], config: M
     vs_ceiling = ratio(co.rate, fixed.rate)
     c1_p99 = co1.p99_ms - plain1.p99_ms
     vs_inline = ratio(rest_co.rate, rest_inline.rate)
+    unrouted, split = by["coalescing, no routing", HIGH], by["coalescing, 90/10 split", HIGH]
+    named = by["coalescing, 90/10 named by clients", HIGH]
+    vs_split = ratio(split.rate, unrouted.rate)
+    vs_named = ratio(split.rate, named.rate)
     print("ratios:")
     print(f"  gRPC c={HIGH} throughput, coalescing / direct worker: {times(vs_direct)} "
           f"(target >= {TARGET_VS_DIRECT}x) {verdict(vs_direct >= TARGET_VS_DIRECT)}")
@@ -481,6 +571,10 @@ def report(results: Sequence[LoadResult], stats: Sequence[BatchStats], config: M
           f"(target <= +{TARGET_C1_P99_MS} ms) {verdict(c1_p99 <= TARGET_C1_P99_MS)}")
     print(f"  REST c={HIGH} throughput, router / inline aiohttp: {times(vs_inline)} "
           f"(target >= {TARGET_REST}x) {verdict(vs_inline >= TARGET_REST)}")
+    print(f"  gRPC c={HIGH} throughput, with a 90/10 sticky split / without (turn about): {vs_split:.3f} "
+          f"(target >= {TARGET_SPLIT}) {verdict(vs_split >= TARGET_SPLIT)}")
+    print(f"  gRPC c={HIGH} throughput, 90/10 chosen by the router / the same 90/10 named by clients: "
+          f"{vs_named:.3f} (the cost of routing alone; target >= {TARGET_SPLIT}) {verdict(vs_named >= TARGET_SPLIT)}")
 
     print("coalescing router batches (from /metrics, over each step):")
     print_table(["step", "batches", "rows/batch", "requests/batch", "closed by", "queue wait ms",
@@ -492,7 +586,9 @@ def report(results: Sequence[LoadResult], stats: Sequence[BatchStats], config: M
           "client: the whole call; client - router is time spent outside the router's handler)")
     return (f"coalescing: {times(vs_direct)} direct worker throughput, p99 {times(p99_vs_direct)}; "
             f"{vs_ceiling:.2f} of fixed-reply ceiling; REST {times(vs_inline)} inline aiohttp; "
-            f"c=1 p99 {signed_ms(c1_p99)} vs no coalescing")
+            f"c=1 p99 {signed_ms(c1_p99)} vs no coalescing; 90/10 sticky split {split.rate:,.0f} req/s vs "
+            f"{unrouted.rate:,.0f} without ({vs_split:.3f}) and {named.rate:,.0f} with versions named by "
+            f"clients ({vs_named:.3f})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -680,7 +680,8 @@ class RouterProcess(_ChildProcess):
     uses quick flags only (``--model-name ctr --model-base-path models/ctr
     --workers 2 --no-batching``); both may be combined (flags override the
     file).  Unless the config or the flags name ports, ``--grpc-port 0
-    --rest-port 0`` pick free ones.  Returns once the router printed its
+    --rest-port 0 --admin-port 0`` pick free ones (several routers may run
+    at once).  Returns once the router printed its
     addresses (``.grpc_port``, ``.rest_port``, ``.grpc_address``,
     ``.rest_url``); ``wait_ready()`` then waits for ``/readyz`` 200 (and,
     optionally, for N workers in state ready).  Use as a context manager or
@@ -713,7 +714,7 @@ class RouterProcess(_ChildProcess):
             self.config_path = Path(name)
             argv += ["--config", str(self.config_path)]
         args = list(args)
-        for section in ("grpc", "rest"):
+        for section in ("grpc", "rest", "admin"):
             flag = f"--{section}-port"
             if flag not in args and "port" not in dict((config or {}).get(section) or {}):
                 args += [flag, "0"]

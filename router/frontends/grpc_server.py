@@ -88,11 +88,10 @@ class GrpcFrontend:
 
     async def _predict(self, request: predict_pb2.PredictRequest, deadline: float,
                        context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
-        metadata = context.invocation_metadata() or ()
-
         def header(name: str) -> str | None:
-            # gRPC metadata keys arrive in lower case; the model's routing asks by lower-case name.
-            for key, value in metadata:
+            # Read only when the model's routing asks (by lower-case name; gRPC
+            # metadata keys arrive in lower case).
+            for key, value in context.invocation_metadata() or ():
                 if key == name:
                     return value if isinstance(value, str) else None
             return None
