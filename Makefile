@@ -9,7 +9,7 @@ DEMO_DIR ?= models/ctr
 DEMO_STAMP := $(DEMO_DIR)/.built-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo run test protos bench-worker bench-router bench-batching bench-rollout loadtest clean
+.PHONY: install demo run test protos bench-worker bench-router bench-batching bench-rollout bench-quotas loadtest clean
 
 # Also Debian's jemalloc (for `workers.allocator: jemalloc`) when it is missing and
 # we are root with apt-get; never fails the build: without it only that setting is
@@ -49,6 +49,9 @@ bench-router: install demo
 
 bench-batching: install demo
 	$(PY) -m loadtest.bench_batching
+
+bench-quotas: install demo
+	$(PY) -m loadtest.bench_quotas
 
 # Builds a ~300 MB CTR model into models/ctr-large the first time (a few seconds).
 bench-rollout: install

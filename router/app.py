@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from router.admission import Admission
 from router.analysis import VersionStats
 from router.batcher import Batcher
 from router.config import Config
@@ -77,8 +78,17 @@ class App:
                                    on_answer=self._answered)
         self.batcher = Batcher(self.pool, self.dataplane.dispatch, self.metrics)
         self.dataplane.batcher = self.batcher
-        self.grpc = GrpcFrontend(config, self.dataplane, self.metrics)
-        self.rest = RestFrontend(config, self.dataplane, self.registry, self.metrics)
+        model_names = frozenset(m.name for m in config.models)
+
+        def label(model: str) -> str:
+            return model if model in model_names else "_unknown"
+
+        self.admission = Admission(
+            config, on_shed=lambda tenant, model, why: self.metrics.quota_shed(tenant, label(model), why),
+            on_admit=lambda tenant, model, waited: self.metrics.admitted(tenant, label(model), waited))
+        self.grpc = GrpcFrontend(config, self.dataplane, self.metrics, self.admission)
+        self.rest = RestFrontend(config, self.dataplane, self.registry, self.metrics, self.admission)
+        self.metrics.track_control(self._admission_families)
         self.admin = AdminFrontend(config.admin, self.controller, self.canary, token=admin_token())
         self.supervisor: sup.Supervisor | None = None
         self._specs: dict[int, sup.WorkerSpec] = {}
@@ -86,6 +96,22 @@ class App:
         self._health_failures: dict[str, int] = {}
         self._ready = asyncio.Event()
         self._stopping = False
+
+    def _admission_families(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        inflight = GaugeMetricFamily("tfs_router_tenant_inflight", "Admitted requests of a tenant not yet answered.",
+                                     labels=("tenant",))
+        for tenant, n in sorted(self.admission.inflight().items()):
+            inflight.add_metric((tenant,), n)
+        router = GaugeMetricFamily("tfs_router_admission", "The router-wide admission gate: in flight and waiting.",
+                                   labels=("state",))
+        router.add_metric(("inflight",), self.admission.router.inflight)
+        router.add_metric(("waiting",), self.admission.router.queued)
+        refused = CounterMetricFamily("tfs_router_rest_connections_refused",
+                                      "REST connections closed at once: past rest.max_connections.")
+        refused.add_metric((), self.rest.refused_connections)
+        return [inflight, router, refused]
 
     def _answered(self, model: str, version: int, code: str, seconds: float) -> None:
         self.metrics.version_answered(model, version, code, seconds)

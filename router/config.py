@@ -31,8 +31,17 @@ class ConfigError(ValueError):
 class GrpcConfig:
     host: str = "0.0.0.0"
     port: int = 8500
-    max_concurrent_rpcs: int = 4096
+    # A backstop inside grpc.aio, which refuses past it with CANCELLED: the
+    # router's own admission (limits.max_inflight, max_waiting) refuses with
+    # RESOURCE_EXHAUSTED well before; 0 sizes it past those (+1024).
+    max_concurrent_rpcs: int = 0
     max_message_bytes: int = 2**31 - 1  # TF Serving accepts up to 2 GB
+    max_metadata_bytes: int = 16384  # request headers (metadata) per call
+    # Per connection (HTTP/2); 0: gRPC's own default.  A stream past it is
+    # refused (REFUSED_STREAM, UNAVAILABLE to the client), and clients put many
+    # channels on one connection: leave it to the admission gates unless a
+    # single connection must be capped.
+    max_concurrent_streams: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,9 @@ class RestConfig:
     host: str = "0.0.0.0"
     port: int = 8501
     max_body_bytes: int = 256 * 2**20
+    max_connections: int = 4096  # open connections; more are closed at once
+    max_header_bytes: int = 16384  # one header line (name and value)
+    max_headers: int = 64
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,24 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class QuotaConfig:
+    """One tenant's (or model's) share: every limit 0 means none."""
+
+    max_inflight: int = 0  # admitted and not yet answered
+    max_queued: int = 0  # more that may wait for one of those slots
+    rate_per_s: float = 0.0  # a token bucket: sustained requests per second ...
+    burst: int = 0  # ... and how many may come at once
+    priority: str = "normal"  # high | normal | low: order of service and of shedding when the pool is saturated
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    tenant_header: str = "x-tenant"  # HTTP header / gRPC metadata key naming the tenant; absent: "default"
+    default: QuotaConfig = field(default_factory=QuotaConfig)  # every tenant the config does not name
+    tenants: dict[str, QuotaConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     base_path: str
@@ -148,6 +178,7 @@ class ModelConfig:
     version_labels: dict[str, int] = field(default_factory=dict)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
     def policy(self) -> tuple[str, tuple[int, ...]]:
         """(kind, numbers): ("latest", (N,)), ("all", ()), ("specific", (v, ...))."""
@@ -169,6 +200,18 @@ class ModelConfig:
 class LimitsConfig:
     default_deadline_s: float = 10.0  # when the client sends none (REST always)
     max_queued: int = 1024  # requests waiting for a worker slot, per model (unbatched path)
+    # Requests the router works on at once (the pool's saturation point): past
+    # it they wait for admission, high priority first; past max_waiting they
+    # are refused with RESOURCE_EXHAUSTED / 429.
+    max_inflight: int = 256
+    max_waiting: int = 4096
+    priority_aging_s: float = 0.5  # a waiting request moves up one priority class per this long
+    # A refusal is decided at once but answered after up to this long (never
+    # past Retry-After): a client that retries at once cannot spin the router's
+    # CPU on refusals.  At most max_delayed_refusals are held; past that, at once.
+    refusal_delay_s: float = 0.1
+    max_delayed_refusals: int = 2048
+    max_tensor_elements: int = 1 << 24  # elements in one request tensor (16 Mi)
 
 
 @dataclass(frozen=True)
@@ -230,6 +273,7 @@ class Config:
     rest: RestConfig = field(default_factory=RestConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -378,6 +422,28 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("source.ready_marker: a file name inside the version directory, not a path")
     if not -1 <= cfg.admin.port < 65536:
         raise ConfigError(f"admin.port: {cfg.admin.port} is not a port (-1 turns the endpoint off)")
+    q = cfg.quotas
+    for where, quota in (("quotas.default", q.default), *((f"quotas.tenants.{n}", t) for n, t in q.tenants.items()),
+                         *((f"models[{i}].quota", m.quota) for i, m in enumerate(cfg.models))):
+        if quota.priority not in ("high", "normal", "low"):
+            raise ConfigError(f"{where}.priority: {quota.priority!r} (use high, normal or low)")
+        for key in ("max_inflight", "max_queued", "burst"):
+            if getattr(quota, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0 (0: no limit)")
+        if quota.rate_per_s < 0:
+            raise ConfigError(f"{where}.rate_per_s: must be >= 0 (0: no limit)")
+    if not q.tenant_header:
+        raise ConfigError("quotas.tenant_header: a header name is required")
+    lim = cfg.limits
+    if lim.max_inflight < 1 or lim.max_waiting < 0 or lim.max_tensor_elements < 1:
+        raise ConfigError("limits.max_inflight and max_tensor_elements must be at least 1, max_waiting >= 0")
+    if lim.refusal_delay_s < 0 or lim.max_delayed_refusals < 0:
+        raise ConfigError("limits.refusal_delay_s and max_delayed_refusals: must be >= 0 (0: answer at once)")
+    if lim.priority_aging_s < 0:
+        raise ConfigError("limits.priority_aging_s: must be >= 0 (0: no aging)")
+    for key in ("max_connections", "max_header_bytes", "max_headers"):
+        if getattr(cfg.rest, key) < 1:
+            raise ConfigError(f"rest.{key}: must be at least 1")
     if cfg.limits.max_queued < 1:
         raise ConfigError("limits.max_queued: must be at least 1")
     if cfg.log.format not in ("text", "json"):

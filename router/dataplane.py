@@ -26,6 +26,7 @@ from router.traffic import Headers
 from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError, Unavailable
 from router.pool import Backend, Pool, Transport, TransportError
 from router.wire.concat import batch_rows
+from shared.tensor import num_elements
 from shared.signature import Signature, find_signature
 
 log = logging.getLogger("router.dataplane")
@@ -50,6 +51,7 @@ class DataPlane:
         # per-version metrics and the canary analysis read these.
         self.on_answer = on_answer or (lambda model, version, code, seconds: None)
         self._clock = clock
+        self.max_tensor_elements = control.config.limits.max_tensor_elements if control is not None else 1 << 62
 
     def signature(self, spec: model_pb2.ModelSpec, headers: Headers | None = None) -> tuple[int, Signature]:
         """Resolve a ModelSpec to (version, signature) from the cache."""
@@ -97,6 +99,12 @@ class DataPlane:
         spec = request.model_spec
         inputs = request.inputs
         plan = sig.plan(inputs, request.output_filter)
+        elements = plan.extra.get("elements")
+        if elements is None:
+            elements = plan.extra["elements"] = max((num_elements(shape) for shape in plan.shapes), default=0)
+        if elements > self.max_tensor_elements:
+            raise InvalidArgument(f"a request tensor has {elements} elements, more than this router accepts "
+                                  f"(limits.max_tensor_elements {self.max_tensor_elements})")
         spec.version.value = version  # explicit from here on (clears a label)
         spec.signature_name = sig.name
         settings = self.control.model(spec.name).batching

@@ -312,6 +312,14 @@ class Metrics:
             "tfs_router_canary_verdicts", "Progressive delivery verdicts (hold, advance, abort).",
             ("model", "verdict"), registry=r,
         )
+        self._admitted = Counter(
+            "tfs_router_admitted", "Requests admitted past every quota (waited: after waiting for a slot).",
+            ("tenant", "model", "waited"), registry=r,
+        )
+        self._quota_shed = Counter(
+            "tfs_router_quota_shed", "Requests refused by a quota (RESOURCE_EXHAUSTED / 429), by the quota.",
+            ("tenant", "model", "reason"), registry=r,
+        )
         self._version_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
         self._callbacks: list[Callable[[], Iterable[Metric]]] = []
         r.register(_Callback(lambda: [f for read in self._callbacks for f in read()]))
@@ -501,6 +509,12 @@ class Metrics:
         count, latency = children
         count.inc()
         latency.observe(seconds)
+
+    def admitted(self, tenant: str, model: str, waited: bool) -> None:
+        self._admitted.labels(tenant, model, "yes" if waited else "no").inc()
+
+    def quota_shed(self, tenant: str, model: str, reason: str) -> None:
+        self._quota_shed.labels(tenant, model, reason).inc()
 
     def routing_fallback(self, model: str, reason: str) -> None:
         self._routing_fallbacks.labels(model, reason).inc()

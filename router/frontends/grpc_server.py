@@ -15,13 +15,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from router import log as rlog
+from router.admission import Admission
 from router.config import Config
 from router.dataplane import DataPlane
-from shared.errors import BindError, ServingError, Unimplemented
+from shared.errors import BindError, InvalidArgument, ServingError, Unimplemented
 from router.metrics import Metrics
 
 logger = logging.getLogger("router.grpc")
@@ -30,10 +32,44 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 
+def _parser(message_type: Any) -> Callable[[bytes], Any]:
+    name = message_type.DESCRIPTOR.full_name.replace("tfsrouter.", "tensorflow.serving.")
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidArgument(f"the request is not a valid {name} message ({len(raw)} bytes): {exc}") from None
+
+    return parse
+
+
+def _model_of_raw(body: bytes) -> str:
+    """Classify/Regress: their ModelSpec is field 1, like GetModelStatusRequest's (read without the rest)."""
+    try:
+        return str(status_pb2.GetModelStatusRequest.FromString(body).model_spec.name)
+    except DecodeError:
+        raise InvalidArgument(f"the request is not a valid message ({len(body)} bytes)") from None
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    """A request metadata value by lower-case key (gRPC keys arrive in lower case)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
+
+
+def _trailers(exc: ServingError) -> tuple[tuple[str, str], ...]:
+    retry = exc.headers().get("Retry-After")
+    return (("retry-after", retry),) if retry else ()
+
+
 class GrpcFrontend:
-    def __init__(self, config: Config, dataplane: DataPlane, metrics: Metrics) -> None:
+    def __init__(self, config: Config, dataplane: DataPlane, metrics: Metrics, admission: Admission) -> None:
         self.config = config
         self.dp = dataplane
+        self.admission = admission
         self.metrics = metrics
         self._model_names = frozenset(m.name for m in config.models)
         self.health = health.aio.HealthServicer()
@@ -52,25 +88,33 @@ class GrpcFrontend:
             remaining = self.config.limits.default_deadline_s
         return time.monotonic() + remaining
 
-    def _handler(self, api: str, model_of: Callable[[Any], str],
-                 fn: Callable[[Any, float], Awaitable[Any]],
+    def _handler(self, api: str, parse: Callable[[bytes], Any] | None, model_of: Callable[[Any], str],
+                 fn: Callable[..., Awaitable[Any]], *, admit: bool = False,
                  with_context: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        """One RPC: parse (a message that does not parse is INVALID_ARGUMENT, not UNKNOWN), admit
+        (data-plane calls: the tenant's, the model's and the router's quotas), call, answer."""
         metrics = self.metrics
+        admission = self.admission
 
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             self.active += 1
             token = rlog.bind_request_id(rlog.new_request_id())
             code = "OK"
             model = ""
+            ticket = None
             try:
+                request = raw if parse is None else parse(raw)
                 model = model_of(request)
+                deadline = self._deadline(context)
+                if admit:
+                    ticket = await admission.admit(_metadata_value(context, admission.header), model, deadline)
                 if with_context:
-                    return await fn(request, self._deadline(context), context)  # type: ignore[call-arg]
-                return await fn(request, self._deadline(context))
+                    return await fn(request, deadline, context)
+                return await fn(request, deadline)
             except ServingError as exc:
                 code = exc.code.name
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, exc.message, _trailers(exc))
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -78,6 +122,8 @@ class GrpcFrontend:
                 logger.exception("unexpected error in %s", api)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             finally:
+                if ticket is not None:
+                    ticket.release()
                 elapsed = time.perf_counter() - start
                 self.active -= 1
                 metrics.observe_request(self._label(model), api, "grpc", code, elapsed)
@@ -89,12 +135,8 @@ class GrpcFrontend:
     async def _predict(self, request: predict_pb2.PredictRequest, deadline: float,
                        context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         def header(name: str) -> str | None:
-            # Read only when the model's routing asks (by lower-case name; gRPC
-            # metadata keys arrive in lower case).
-            for key, value in context.invocation_metadata() or ():
-                if key == name:
-                    return value if isinstance(value, str) else None
-            return None
+            # Read only when the model's routing asks (by lower-case name).
+            return _metadata_value(context, name)
 
         return await self.dp.predict(request, deadline, header)
 
@@ -122,23 +164,25 @@ class GrpcFrontend:
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(api: str, fn: Any, req: Any = None, resp: Any = None,
-                  model_of: Callable[[Any], str] = lambda r: r.model_spec.name,
+                  model_of: Callable[[Any], str] = lambda r: r.model_spec.name, *, admit: bool = False,
                   with_context: bool = False) -> grpc.RpcMethodHandler:
+            # No request_deserializer: the handler parses, so a malformed message is the client's error.
             return grpc.unary_unary_rpc_method_handler(
-                self._handler(api, model_of, fn, with_context),
-                request_deserializer=req.FromString if req else None,
+                self._handler(api, _parser(req) if req else None, model_of, fn, admit=admit,
+                              with_context=with_context),
                 response_serializer=resp.SerializeToString if resp else None,
             )
 
-        raw_model: Callable[[Any], str] = lambda body: ""
+        raw_model: Callable[[Any], str] = _model_of_raw
         prediction = {
             "Predict": unary("Predict", self._predict, predict_pb2.PredictRequest, predict_pb2.PredictResponse,
-                             with_context=True),
+                             admit=True, with_context=True),
             "GetModelMetadata": unary("GetModelMetadata", self._metadata, metadata_pb2.GetModelMetadataRequest,
                                       metadata_pb2.GetModelMetadataResponse),
-            "Classify": unary("Classify", self._forward("Classify"), model_of=raw_model),
-            "Regress": unary("Regress", self._forward("Regress"), model_of=raw_model),
-            "MultiInference": unary("MultiInference", self._forward("MultiInference"), model_of=raw_model),
+            "Classify": unary("Classify", self._forward("Classify"), model_of=raw_model, admit=True),
+            "Regress": unary("Regress", self._forward("Regress"), model_of=raw_model, admit=True),
+            "MultiInference": unary("MultiInference", self._forward("MultiInference"), model_of=lambda b: "",
+                                    admit=True),
         }
         model = {
             "GetModelStatus": unary("GetModelStatus", self._status, status_pb2.GetModelStatusRequest,
@@ -151,6 +195,11 @@ class GrpcFrontend:
             grpc.method_handlers_generic_handler(MODEL_SERVICE, model),
         ]
 
+    def _backstop(self) -> int:
+        """grpc.aio's own concurrency limit: past the admission gates (which answer RESOURCE_EXHAUSTED)."""
+        limits = self.config.limits
+        return self.config.grpc.max_concurrent_rpcs or (limits.max_inflight + limits.max_waiting + 1024)
+
     async def start(self) -> int:
         cfg = self.config.grpc
         server = grpc.aio.server(
@@ -158,8 +207,17 @@ class GrpcFrontend:
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_metadata_size", cfg.max_metadata_bytes),
+                # Calls gRPC holds before the application takes them: past its
+                # defaults (1000, hard 3000) a burst is CANCELLED inside gRPC,
+                # unseen; the admission gates must see every call to refuse it
+                # properly (RESOURCE_EXHAUSTED), so these sit above the backstop.
+                ("grpc.server.max_pending_requests", self._backstop()),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * self._backstop()),
+                *((("grpc.max_concurrent_streams", cfg.max_concurrent_streams),)
+                  if cfg.max_concurrent_streams else ()),
             ],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=self._backstop(),
         )
         server.add_generic_rpc_handlers(self.handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -13,9 +13,12 @@ come from the cached signature.  No TensorFlow here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +27,7 @@ from google.protobuf import json_format
 
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router import log as rlog
+from router.admission import Admission
 from router.config import Config
 from router.control.registry import Registry
 from router.dataplane import DataPlane
@@ -35,9 +39,11 @@ from shared.tensor import fill, to_numpy
 
 logger = logging.getLogger("router.rest")
 
-_PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
-_MODEL = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?")
+# ASCII digits only, as TF Serving: Python's \d would take "١" (an Arabic-Indic one) as version 1.
+_PREDICT = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/([0-9]+)|/labels/([^/:]+))?:(classify|regress|predict)")
+_MODEL = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/([0-9]+)|/labels/([^/:]+))?(?:/(metadata))?")
 JSON = "application/json"
+OPENAPI = Path(__file__).with_name("openapi.json")  # this API, described: served at /v1/openapi.json
 
 
 def _spec(name: str, version: str | None, label: str | None) -> model_pb2.ModelSpec:
@@ -59,12 +65,39 @@ def _to_json(message: Any) -> dict[str, Any]:
     return result
 
 
+class _Refused(asyncio.Protocol):
+    """A connection past rest.max_connections: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _ConnectionLimit:
+    """The listener's protocol factory: aiohttp's server, up to ``limit`` open connections."""
+
+    def __init__(self, server: web.Server, limit: int, on_refused: Callable[[], None]) -> None:
+        self.server = server
+        self.limit = limit
+        self.on_refused = on_refused
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) >= self.limit:
+            self.on_refused()
+            return _Refused()
+        protocol: asyncio.BaseProtocol = self.server()
+        return protocol
+
+
 class RestFrontend:
-    def __init__(self, config: Config, dataplane: DataPlane, control: Registry, metrics: Metrics) -> None:
+    def __init__(self, config: Config, dataplane: DataPlane, control: Registry, metrics: Metrics,
+                 admission: Admission) -> None:
         self.config = config
         self.dp = dataplane
         self.control = control
         self.metrics = metrics
+        self.admission = admission
+        self._listener: asyncio.AbstractServer | None = None
+        self.refused_connections = 0
         self._model_names = frozenset(m.name for m in config.models)
         self.accepting = False
         self.runner: web.AppRunner | None = None
@@ -84,6 +117,7 @@ class RestFrontend:
         token = rlog.bind_request_id(rlog.new_request_id())
         api, model, code = "unknown", "", "OK"
         headers: dict[str, str] = {}
+        ticket = None
         try:
             path = request.path
             if request.method == "POST":
@@ -94,7 +128,10 @@ class RestFrontend:
                 api = verb.capitalize()
                 if api != "Predict":
                     raise Unimplemented(f"{verb} is not supported by this router's REST API; use gRPC")
-                body, headers = await self._predict(request, _spec(model, version, label))
+                deadline = time.monotonic() + self.config.limits.default_deadline_s
+                # Admitted before the body is even read: a refused request costs nothing more.
+                ticket = await self.admission.admit(request.headers.get(self.admission.header), model, deadline)
+                body, headers = await self._predict(request, _spec(model, version, label), deadline)
             elif request.method == "GET":
                 m = _MODEL.fullmatch(path)
                 if m is None or m.group(1) is None:
@@ -123,14 +160,16 @@ class RestFrontend:
             return web.Response(body=rest_json.error_body(f"{type(exc).__name__}: {exc}"), status=500,
                                 content_type=JSON)
         finally:
+            if ticket is not None:
+                ticket.release()
             elapsed = time.perf_counter() - start
             self.active -= 1
             self.metrics.observe_request(self._label(model), api, "rest", code, elapsed)
             rlog.access(api, model, code, elapsed, "rest")
             rlog.request_id.reset(token)
 
-    async def _predict(self, request: web.Request, spec: model_pb2.ModelSpec) -> tuple[bytes, dict[str, str]]:
-        deadline = time.monotonic() + self.config.limits.default_deadline_s
+    async def _predict(self, request: web.Request, spec: model_pb2.ModelSpec,
+                       deadline: float) -> tuple[bytes, dict[str, str]]:
         headers = request.headers.get  # case-insensitive, as the model's routing rules match
         routed = spec.WhichOneof("version_choice") is None
         version = self.control.resolve(spec, headers)
@@ -185,25 +224,41 @@ class RestFrontend:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/monitoring/prometheus/metrics", self._metrics)
-        app.router.add_route("*", "/v1/models{tail:.*}", self._models)
+        app.router.add_route("*", r"/v1/models{tail:[\s\S]*}", self._models)  # newlines too: always our JSON errors
+        app.router.add_get("/v1/openapi.json", self._openapi)
         return app
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI.read_bytes(), content_type=JSON)
 
     async def start(self) -> int:
         cfg = self.config.rest
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                    max_line_size=cfg.max_header_bytes, max_field_size=cfg.max_header_bytes,
+                                    max_headers=cfg.max_headers)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.host, cfg.port, reuse_port=False)
+        assert self.runner.server is not None
+
+        def refused() -> None:
+            self.refused_connections += 1
+
+        # Our own listener (not a TCPSite) so that connections past the limit are closed at once.
+        factory = _ConnectionLimit(self.runner.server, cfg.max_connections, refused)
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                factory, cfg.host, cfg.port, reuse_address=True, backlog=min(cfg.max_connections, 4096))
         except OSError as exc:
             raise BindError(f"cannot listen for REST on {cfg.host}:{cfg.port} ({exc.strerror}); "
                             "choose another with --rest-port or rest.port") from exc
-        server = site._server  # aiohttp exposes bound sockets only here
-        sockets = getattr(server, "sockets", None) or []
+        sockets = self._listener.sockets or []
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
         return self.port
 
     async def stop(self) -> None:
         self.accepting = False
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the open ones finish below
         if self.runner is not None:
             await self.runner.cleanup()
+        if self._listener is not None:
+            await self._listener.wait_closed()

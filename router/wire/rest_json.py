@@ -577,7 +577,8 @@ def _render(value: Any) -> str:
         try:
             text = orjson.dumps(value).decode()
         except (TypeError, orjson.JSONEncodeError):
-            text = repr(value)
+            # Deeper than orjson writes (255 levels): describe it, never recurse into it.
+            text = f"<{_json_type(value)} nested too deep to show>"
     if len(text) > _MAX_RENDER:
         text = text[:_MAX_RENDER] + "..."
     return text
