@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -190,6 +191,7 @@ class _Tenant:
     gate: Gate
     bucket: TokenBucket | None
     rank: int
+    held: int = 0  # its refusals being held right now
 
 
 @dataclass
@@ -210,7 +212,8 @@ Shed = Callable[[str, str, str], None]  # tenant label, model, reason
 
 class Admission:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
-                 on_shed: Shed | None = None, on_admit: Callable[[str, str, bool], None] | None = None) -> None:
+                 on_shed: Shed | None = None, on_admit: Callable[[str, str, bool], None] | None = None,
+                 rng: random.Random | None = None) -> None:
         self._clock = clock
         self.quotas = config.quotas
         self.header = config.quotas.tenant_header.lower()
@@ -222,6 +225,7 @@ class Admission:
         self.refusal_delay_s = limits.refusal_delay_s
         self.max_delayed = limits.max_delayed_refusals
         self.delayed = 0  # refusals being held right now
+        self._rng = rng or random.Random()
         self._on_shed = on_shed or (lambda tenant, model, reason: None)
         self._on_admit = on_admit or (lambda tenant, model, waited: None)
 
@@ -242,7 +246,7 @@ class Admission:
         self._tenants[name] = t
         while len(self._tenants) > MAX_TRACKED_TENANTS:  # forget an idle one (a flood of made-up names)
             oldest, entry = next(iter(self._tenants.items()))
-            if entry.gate.inflight or entry.gate.queued:
+            if entry.gate.inflight or entry.gate.queued or entry.held:
                 self._tenants.move_to_end(oldest)
                 break
             del self._tenants[oldest]
@@ -259,16 +263,26 @@ class Admission:
         """Hold every gate for one request, or raise ResourceExhausted / DeadlineExceeded."""
         try:
             return await self._admit(tenant_name, model, deadline)
-        except ResourceExhausted as exc:
-            # Decided now, answered a little later: a flood that retries at once
-            # then spends its own time waiting, not the router's CPU refusing it.
-            delay = min(self.refusal_delay_s, exc.retry_after, max(0.0, deadline - time.monotonic()))
+        except ResourceExhausted:
+            # Decided now, answered later: a flood that retries at once then
+            # spends its own time waiting, not the router's CPU refusing it.  The
+            # more of a tenant's refusals are already held, the longer the next
+            # one waits (a client hitting its quota now and then: about the base
+            # delay; one with hundreds of calls open: many times it, up to 10x).
+            # Jittered (0.5x to 1.5x), so that refusals answered together do not
+            # bring their clients' retries back in one burst.
+            t = self.tenant(tenant_name)
+            scale = min(10.0, 1.0 + t.held / 32)
+            delay = min(self.refusal_delay_s * scale * (0.5 + self._rng.random()),
+                        max(0.0, deadline - time.monotonic()))
             if delay > 0 and self.delayed < self.max_delayed:
                 self.delayed += 1
+                t.held += 1
                 try:
                     await asyncio.sleep(delay)
                 finally:
                     self.delayed -= 1
+                    t.held -= 1
             raise
 
     async def _admit(self, tenant_name: str | None, model: str, deadline: float) -> Ticket:

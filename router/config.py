@@ -206,10 +206,11 @@ class LimitsConfig:
     max_inflight: int = 256
     max_waiting: int = 4096
     priority_aging_s: float = 0.5  # a waiting request moves up one priority class per this long
-    # A refusal is decided at once but answered after up to this long (never
-    # past Retry-After): a client that retries at once cannot spin the router's
-    # CPU on refusals.  At most max_delayed_refusals are held; past that, at once.
-    refusal_delay_s: float = 0.1
+    # A refusal is decided at once but answered this long later (never past the
+    # request's deadline): a client that retries at once cannot spin the
+    # router's CPU on refusals.  At most max_delayed_refusals are held; past
+    # that, answered at once.
+    refusal_delay_s: float = 0.5
     max_delayed_refusals: int = 2048
     max_tensor_elements: int = 1 << 24  # elements in one request tensor (16 Mi)
 
