@@ -19,6 +19,12 @@ install: $(STAMP)
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2 || \
 		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2; }; }; } || \
 		echo "note: could not install libjemalloc2; workers.allocator: jemalloc will be unavailable"
+	@# Also Debian's prometheus package (promtool, /usr/bin/prometheus) for tests/deploy, when missing
+	@# and we are root with apt-get; never fails the build: without it those tests fail and say how to fix it.
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }; }; } || \
+		echo "note: could not install Debian's prometheus package; tests/deploy fail until promtool and prometheus are installed"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
