@@ -9,7 +9,8 @@ DEMO_DIR ?= models/ctr
 DEMO_STAMP := $(DEMO_DIR)/.built-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo run test protos bench-worker bench-router bench-batching bench-rollout bench-quotas loadtest clean
+.PHONY: install demo run test protos bench-worker bench-router bench-batching bench-rollout bench-quotas loadtest \
+	compose-up compose-test compose-down clean
 
 # Also Debian's jemalloc (for `workers.allocator: jemalloc`) when it is missing and
 # we are root with apt-get; never fails the build: without it only that setting is
@@ -25,6 +26,12 @@ install: $(STAMP)
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus || \
 		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }; }; } || \
 		echo "note: could not install Debian's prometheus package; tests/deploy fail until promtool and prometheus are installed"
+	@# Also Debian's docker-compose (compose v1) for tests/deploy/test_compose_config.py: `docker-compose config -q`
+	@# validates docker-compose.yml offline, without an engine. --no-install-recommends, or apt brings docker.io along.
+	@command -v docker-compose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; }; }; } || \
+		echo "note: could not install docker-compose; tests/deploy/test_compose_config.py fails until it is installed"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,5 +75,17 @@ LOCUST_ARGS ?= --headless -u 64 -r 16 -t 60s
 loadtest: install
 	$(PY) -m locust -f loadtest/locustfile.py --host http://localhost:8501 $(LOCUST_ARGS)
 
+# The docker-compose stack, brought up with podman on a machine without Docker or a registry
+# (deploy/compose.sh says how): up and leave running, or up, check and tear down.
+compose-up: install
+	bash deploy/compose.sh up
+
+compose-test: install
+	bash deploy/compose.sh test
+
+compose-down:
+	bash deploy/compose.sh down
+
 clean:
+	-bash deploy/compose.sh clean
 	rm -rf $(VENV) models build *.egg-info
