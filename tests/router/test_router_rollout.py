@@ -304,6 +304,7 @@ def test_cli_rollout_watch_shows_phases_and_exit_status(model_root: Path, tmp_pa
             return subprocess.run([sys.executable, "-m", "router", *args, "--admin", router.admin_url], cwd=ROOT,
                                   env=child_env(), capture_output=True, text=True, timeout=120)
 
+        router.wait_rollouts(1)  # the start-up load is a rollout too: a command during it is refused (409)
         done = cli("rollout", "ctr", "--version", "1", "--watch")
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
