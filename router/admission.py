@@ -221,6 +221,7 @@ class Admission:
         self.router = Gate("router", limits.max_inflight, limits.max_waiting, clock, limits.priority_aging_s)
         self.models = {m.name: Gate(f"model {m.name}", m.quota.max_inflight, m.quota.max_queued, clock,
                                     limits.priority_aging_s) for m in config.models}
+        self._config_models = config.models
         self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
         self.refusal_delay_s = limits.refusal_delay_s
         self.max_delayed = limits.max_delayed_refusals
@@ -228,6 +229,21 @@ class Admission:
         self._rng = rng or random.Random()
         self._on_shed = on_shed or (lambda tenant, model, reason: None)
         self._on_admit = on_admit or (lambda tenant, model, waited: None)
+
+    def set_models(self, config: Config) -> None:
+        """Gates for a new model list: a kept model keeps its gate (and who waits at it)
+        unless its quota changed; a removed model's gate goes."""
+        old = {m.name: m for m in self._config_models}
+        limits = config.limits
+        gates = {}
+        for m in config.models:
+            gate = self.models.get(m.name)
+            if gate is None or old[m.name].quota != m.quota:
+                gate = Gate(f"model {m.name}", m.quota.max_inflight, m.quota.max_queued, self._clock,
+                            limits.priority_aging_s)
+            gates[m.name] = gate
+        self.models = gates
+        self._config_models = config.models
 
     def tenant(self, name: str | None) -> _Tenant:
         name = name or DEFAULT_TENANT

@@ -15,10 +15,12 @@ tasks, close the worker channels, then stop the worker processes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,19 @@ from prometheus_client import CollectorRegistry
 from router.admission import Admission
 from router.analysis import VersionStats
 from router.batcher import Batcher
-from router.config import Config
+from router.config import Config, ConfigError, ModelConfig, asdict_lists, from_dict
 from router.control.canary import CanaryController
+from router.control.passive import PassiveSync
 from router.control.registry import Registry
 from router.control.rollout import Controller
 from router.control.source import VersionSource
 from router.dataplane import DataPlane
+from router.discovery import Discovery, Resolver, parse as parse_dns, system_resolver
 from router.frontends.admin import AdminFrontend, admin_token
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
-from router.pool import DEAD, READY, STARTING, Backend, GrpcTransport, Pool
+from router.pool import DEAD, DRAINING, READY, STARTING, Backend, GrpcTransport, Pool
 from workers import supervisor as sup
 
 log = logging.getLogger("router.app")
@@ -46,7 +50,8 @@ HEALTH_FAILURES_BEFORE_DEAD = 3
 
 
 class App:
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
         self.metrics = Metrics(registry or CollectorRegistry())
         w = config.workers
@@ -61,8 +66,9 @@ class App:
                 self._own_socket_dir = True
             backends = [Backend(f"w{i}", f"unix:{self._socket_dir / f'w{i}.sock'}", w.max_inflight, index=i)
                         for i in range(w.count)]
-        else:
-            backends = [Backend(addr, addr, w.max_inflight, index=i) for i, addr in enumerate(w.addresses)]
+        else:  # dns: addresses join as they resolve (self.discovery)
+            backends = [Backend(addr, addr, w.max_inflight, index=i) for i, addr in enumerate(w.addresses)
+                        if parse_dns(addr) is None]
         self._by_index = {b.index: b for b in backends}
         self.pool = Pool(backends, max_queued=config.limits.max_queued,
                          on_inflight=lambda b: self.metrics.set_worker_inflight(b.name, b.inflight))
@@ -71,6 +77,12 @@ class App:
                                     stable_polls=config.source.stable_polls)
         self.controller = Controller(config, self.pool, self.registry, self.source, self.metrics, fleet=self,
                                      on_change=self._publish_states)
+        self.passive = PassiveSync(config, self.pool, self.registry, on_change=self._publish_states) \
+            if w.control == "passive" else None
+        self.controller.passive = self.passive is not None
+        self.discovery = Discovery(w.addresses, resolver=resolver or system_resolver, refresh_s=w.dns_refresh_s,
+                                   drop_after=w.dns_drop_after, add=self._add_worker, drop=self._drop_worker) \
+            if w.mode == "static" and any(parse_dns(a) for a in w.addresses) else None
         self.stats = VersionStats()
         self.registry.on_route = self.metrics.routing_fallback
         self.canary = CanaryController(config, self.registry, self.controller, self.stats, self.metrics)
@@ -78,10 +90,8 @@ class App:
                                    on_answer=self._answered)
         self.batcher = Batcher(self.pool, self.dataplane.dispatch, self.metrics)
         self.dataplane.batcher = self.batcher
-        model_names = frozenset(m.name for m in config.models)
-
         def label(model: str) -> str:
-            return model if model in model_names else "_unknown"
+            return model if self.config.model(model) is not None else "_unknown"
 
         self.admission = Admission(
             config, on_shed=lambda tenant, model, why: self.metrics.quota_shed(tenant, label(model), why),
@@ -96,6 +106,7 @@ class App:
         self._health_failures: dict[str, int] = {}
         self._ready = asyncio.Event()
         self._stopping = False
+        self._models_loader: tuple[Callable[[], tuple[ModelConfig, ...]], float] | None = None
 
     def _admission_families(self) -> list[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -166,7 +177,15 @@ class App:
         else:
             for b in self.pool.backends:
                 self._connect(b)
-        self._spawn(self.controller.run(), "rollout-controller")
+            if self.discovery is not None:
+                await self.discovery.refresh()  # the first workers before anything else runs
+                self._spawn(self._discover_forever(), "dns-discovery")
+        if self.passive is not None:
+            self._spawn(self.passive.run(), "passive-sync")
+        else:
+            self._spawn(self.controller.run(), "rollout-controller")
+        if self._models_loader is not None:
+            self._spawn(self._reload_models_forever(*self._models_loader), "model-config-poll")
         self._spawn(self.canary.run(), "canary-controller")
         self._spawn(self._poll_forever(self.config.poll_interval_s), "poll")
         self._spawn(self._health_loop(), "health")
@@ -224,6 +243,95 @@ class App:
         self.metrics.remove_worker(backend.name)
         self._publish_states()
 
+    # -- workers found by DNS (router/discovery.py) -------------------------------
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.workers.dns_refresh_s)
+            try:
+                await self.discovery.refresh()  # type: ignore[union-attr]
+            except Exception:  # discovery must outlive a resolver's surprises
+                log.exception("worker discovery failed")
+
+    def _add_worker(self, address: str) -> None:
+        if self._stopping:
+            return
+        index = max(self._by_index, default=-1) + 1
+        backend = Backend(address, address, self.config.workers.max_inflight, index=index)
+        self._by_index[index] = backend
+        self.pool.add(backend)
+        self._connect(backend)  # joins the rotation once it holds (active) or reports (passive) versions
+
+    def _drop_worker(self, address: str) -> None:
+        backend = next((b for b in self.pool.backends if b.address == address), None)
+        if backend is not None:
+            self._spawn(self._drain_and_drop(backend), f"drop-{address}")
+
+    async def _drain_and_drop(self, backend: Backend) -> None:
+        """Out of rotation, let its in-flight requests finish, then forget it."""
+        self.controller.worker_lost(backend, "left DNS")
+        backend.state = DRAINING
+        self.pool.fail_waiters()
+        self._publish_states()
+        await self.pool.wait_idle(backend, self.config.rollout.drain_timeout_s)
+        self._by_index.pop(backend.index, None)
+        if backend.transport is not None:
+            await backend.transport.close()
+            backend.transport = None
+        self.pool.remove(backend)
+        self.metrics.remove_worker(backend.name)
+        self._health_failures.pop(backend.name, None)
+        self._publish_states()
+        self._wake_control()
+        log.info("worker %s dropped", backend.name)
+
+    # -- models added and removed at run time ----------------------------------------
+
+    def watch_models(self, loader: Callable[[], tuple[ModelConfig, ...]], interval_s: float) -> None:
+        """Re-read the model list with ``loader`` every ``interval_s`` (TF Serving's
+        --model_config_file_poll_wait_seconds); call before ``start``."""
+        self._models_loader = (loader, interval_s)
+
+    async def _reload_models_forever(self, loader: Callable[[], tuple[ModelConfig, ...]], interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                models = await asyncio.to_thread(loader)
+                self.set_models(models)
+            except ConfigError as exc:  # a half-written or broken file: keep serving what is configured
+                log.error("model config not reloaded: %s", exc)
+            except Exception:
+                log.exception("model config reload failed")
+
+    def set_models(self, models: tuple[ModelConfig, ...]) -> bool:
+        """Serve exactly ``models`` from now on: new ones are loaded (staged, as any new
+        version), removed ones answer NOT_FOUND at once and are unloaded.  Returns
+        whether anything changed; ConfigError (nothing changed) when the list is invalid."""
+        if tuple(models) == self.config.models:
+            return False
+        data = asdict_lists(self.config)
+        data["models"] = [asdict_lists(m) for m in models]
+        config = from_dict(data)
+        old = {m.name: m for m in self.config.models}
+        new = {m.name: m for m in config.models}
+        added = sorted(new.keys() - old.keys())
+        removed = sorted(old.keys() - new.keys())
+        changed = sorted(n for n in new.keys() & old.keys() if new[n] != old[n])
+        self.config = config
+        self.source.set_models(config.models)
+        for part in (self.registry, self.controller, self.canary, self.admission, self.grpc, self.rest):
+            part.set_models(config)
+        if self.passive is not None:
+            self.passive.config = config
+        for name in removed:
+            self.pool.fail_waiters(name)
+        log.info("models reconfigured: added %s, removed %s, changed %s", added or "none", removed or "none",
+                 changed or "none")
+        self._publish_states()
+        self.source.poll()
+        self._wake_control()
+        return True
+
     # -- worker events ---------------------------------------------------------
 
     def _connect(self, backend: Backend, pid: int | None = None) -> None:
@@ -238,7 +346,13 @@ class App:
         backend.pid = pid
         self._health_failures[backend.name] = 0
         self._publish_states()
-        self.controller.wake()
+        self._wake_control()
+
+    def _wake_control(self) -> None:
+        if self.passive is not None:
+            self.passive.wake()
+        else:
+            self.controller.wake()
 
     async def _on_worker_event(self, index: int, event: str, info: dict[str, Any]) -> None:
         backend = self._by_index.get(index)

@@ -169,7 +169,8 @@ class Batcher:
     async def submit(self, key: BatchKey, settings: BatchingConfig, request: predict_pb2.PredictRequest,
                      rows: int, deadline: float) -> predict_pb2.PredictResponse:
         queue = self._queues.get(key)
-        if queue is None:
+        if queue is None or (queue.settings is not settings and not queue.items and key not in self._runners):
+            # New, or the model's batching was reconfigured (and the old queue is idle).
             queue = self._new_queue(key, settings)
         loop = asyncio.get_running_loop()
         now = self._clock()

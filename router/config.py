@@ -58,7 +58,17 @@ class RestConfig:
 class WorkersConfig:
     mode: str = "spawn"  # spawn: start and supervise local processes; static: use addresses
     count: int = 2
+    # static: HOST:PORT or unix:PATH, or dns:NAME:PORT (every address NAME resolves
+    # to, re-resolved every dns_refresh_s: a Kubernetes headless Service)
     addresses: tuple[str, ...] = ()
+    # active: the router tells each worker which versions to hold (ReloadConfig)
+    # and rolls new ones out staged; passive: it never does, it reads what each
+    # worker holds (GetModelStatus every status_poll_s) and routes by that, so
+    # workers that poll their own storage (tensorflow_model_server) stay in charge.
+    control: str = "active"
+    status_poll_s: float = 1.0
+    dns_refresh_s: float = 5.0
+    dns_drop_after: int = 2  # a dns: address missing from this many successful lookups in a row is dropped
     socket_dir: str = ""  # spawn: where the Unix sockets live (default: a private temp dir)
     numa: bool = True  # pin each worker to one NUMA node's CPUs and memory
     sysfs_root: str = "/sys/devices/system/node"
@@ -388,6 +398,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("workers.count: must be at least 1")
     if w.mode == "static" and not w.addresses:
         raise ConfigError("workers.addresses: static mode needs at least one address")
+    if w.control not in ("active", "passive"):
+        raise ConfigError(f"workers.control: {w.control!r} (use active or passive)")
+    if w.control == "passive" and w.mode != "static":
+        raise ConfigError("workers.control: passive needs workers.mode: static (spawned workers are the router's own)")
+    for i, addr in enumerate(w.addresses):
+        if addr.startswith("dns:"):
+            name, _, dns_port = addr[4:].rpartition(":")
+            if not name or not dns_port.isdigit() or not 0 < int(dns_port) < 65536:
+                raise ConfigError(f"workers.addresses[{i}]: {addr!r} (use dns:NAME:PORT)")
+    if w.dns_drop_after < 1:
+        raise ConfigError("workers.dns_drop_after: must be at least 1")
     if not 0 <= w.nice <= 19:
         raise ConfigError("workers.nice: must be between 0 and 19")
     if w.max_inflight < 1:
@@ -400,7 +421,9 @@ def _validate(cfg: Config) -> None:
                          (cfg.limits.default_deadline_s, "limits.default_deadline_s"),
                          (w.health_interval_s, "workers.health_interval_s"),
                          (w.startup_timeout_s, "workers.startup_timeout_s"),
-                         (w.restart_backoff_s, "workers.restart_backoff_s")):
+                         (w.restart_backoff_s, "workers.restart_backoff_s"),
+                         (w.status_poll_s, "workers.status_poll_s"),
+                         (w.dns_refresh_s, "workers.dns_refresh_s")):
         if value <= 0:
             raise ConfigError(f"{where}: must be greater than 0")
     r = cfg.rollout

@@ -76,15 +76,19 @@ class DataPlane:
             version, sig = self.signature(spec, headers)
             try:
                 response = await self._predict(request, version, sig, deadline)
-            except VersionWithdrawn:
+            except (VersionWithdrawn, Unavailable) as exc:
                 if not chosen_by_router:
                     raise
-                # Resolved to a version that left the pool while the request
-                # waited (the default, just before a switch): the client named
-                # no version, so the version it would get now answers (once).
+                # Resolved to a version that left the pool, or that no worker can
+                # take any more, while the request waited (the default, just
+                # before a switch): the client named no version, so the version
+                # it would get now answers (once, and only if it is another one).
                 spec.ClearField("version")
-                self._on_retry(spec.name, "version_withdrawn")
+                first = version
                 version, sig = self.signature(spec, headers)
+                if version == first and not isinstance(exc, VersionWithdrawn):
+                    raise
+                self._on_retry(spec.name, "version_withdrawn")
                 response = await self._predict(request, version, sig, deadline)
         except ServingError as exc:
             if version is not None:
@@ -144,10 +148,14 @@ class DataPlane:
                     raise
                 self._on_retry(model, "worker_unavailable")
                 log.warning("worker %s failed under a request; retrying elsewhere", backend.name)
-            except NotFound:
+            except NotFound as exc:
                 # The worker dropped the version between the router's view and the call.
                 if attempt or not self._others(model, version, backend):
-                    raise
+                    if isinstance(exc, VersionWithdrawn):
+                        raise
+                    # It left the pool (a worker that manages its own versions unloaded it):
+                    # a request the router chose the version for goes to the version it would get now.
+                    raise VersionWithdrawn(exc.message) from exc
                 self._on_retry(model, "version_moved")
             finally:
                 self.pool.release(backend, model)

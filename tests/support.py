@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ class _ChildProcess:
             self.proc.wait()
         if self._reader is None and self.proc.stdout:  # a reader closes nothing under itself
             self.proc.stdout.close()
+
+
+def copy_in(source: Path, base: Path, version: int, staging: Path) -> None:
+    """A version directory written beside, renamed in: what a careful deployment tool does."""
+    target = staging / f"v{version}-{time.monotonic_ns()}"
+    shutil.copytree(source, target)
+    os.rename(target, base / str(version))
 
 
 class WorkerProcess(_ChildProcess):
@@ -193,12 +201,25 @@ class RouterProcess(_ChildProcess):
         self.config_path.write_text(yaml.safe_dump(config))
         self._start([sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],
                     log_dir / f"router-{stamp}.log", env)
+        self._follow()
+
+    def _follow(self) -> None:
+        """Read the started router's stdout until it prints its ports, then connect."""
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.grpc_port, self.rest_port = self._ports()
         self._connect(f"127.0.0.1:{self.grpc_port}")
         self.url = f"http://127.0.0.1:{self.rest_port}"
+
+    @classmethod
+    def command(cls, argv: Sequence[str], *, log_dir: Path, env: Mapping[str, str] | None = None) -> RouterProcess:
+        """A router started from a whole command line, e.g. ``tensorflow_model_server --port=0 ...``
+        (pass free ports or 0, and an admin port that cannot clash: ``--admin_port=0``)."""
+        router = cls.__new__(cls)
+        router._start(list(argv), log_dir / f"router-{time.monotonic_ns()}.log", env)
+        router._follow()
+        return router
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version-policy", type=parse_policy, default=parse_policy("latest"),
                    help="for --model: latest[:N] (default latest:1), all, specific:V[,V...]")
     p.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig)")
+    p.add_argument("--file-system-poll-wait-seconds", type=float, default=0.0,
+                   help="re-read the model base paths this often and load new versions by themselves "
+                        "(as tensorflow_model_server does; 0: only at start, then as told by ReloadConfig)")
     p.add_argument("--cpus", help="pin to this CPU list (e.g. 0-3,8) before TF starts")
     p.add_argument("--mem-node", type=int, default=-1,
                    help="bind memory allocations to this NUMA node (like numactl --membind)")
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             config,
             predict_threads=args.predict_threads,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            poll_s=args.file_system_poll_wait_seconds,
             on_bound=on_bound,
             stop=stop,
         )

@@ -117,8 +117,8 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        """Every configured model has an AVAILABLE version."""
-        return all(m.available() for m in self._models.values())
+        """Every configured model that should hold a version has an AVAILABLE one."""
+        return all(m.available() or wants_no_versions(m.config) for m in self._models.values())
 
     def executor_counts(self) -> dict[str, dict[int, int]]:
         return {

@@ -128,6 +128,7 @@ class WorkerServices:
         self._load_executor = load_executor
         self._journal = journal
         self.requests = 0  # client Predict calls answered, warm-up excluded
+        self.reload_requests = 0  # HandleReloadConfigRequest calls received
         self._requests_by_version: dict[tuple[str, int], int] = {}
 
     async def update_health(self, loading: bool = False) -> None:
@@ -229,6 +230,7 @@ class WorkerServices:
         self, request: config_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
     ) -> config_pb2.ReloadConfigResponse:
         response = config_pb2.ReloadConfigResponse()
+        self.reload_requests += 1
         if request.config.WhichOneof("config") != "model_config_list":
             raise InvalidArgument("ServerConfig must contain a model_config_list")
         try:
@@ -245,7 +247,7 @@ class WorkerServices:
     async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """JSON: pid, requests (client Predicts answered), client_requests_by_version
         ({model: {version: count}}, summing to requests), executors ({model: {version:
-        count}}), now and operations (workers.journal: the last loads, unloads and
+        count}}), reload_requests (ReloadConfig calls received), now and operations (workers.journal: the last loads, unloads and
         warm-ups, times on the machine's CLOCK_MONOTONIC like ``now``)."""
         counts = self.manager.executor_counts()
         by_version: dict[str, dict[str, int]] = {}
@@ -255,6 +257,7 @@ class WorkerServices:
             {
                 "pid": os.getpid(),
                 "requests": self.requests,
+                "reload_requests": self.reload_requests,
                 "client_requests_by_version": by_version,
                 "executors": {m: {str(v): n for v, n in vs.items()} for m, vs in counts.items()},
                 "now": time.monotonic(),
@@ -315,10 +318,16 @@ async def serve(
     predict_threads: int,
     max_concurrent_rpcs: int,
     load_threads: int = 1,
+    poll_s: float = 0.0,
     on_bound: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the worker until ``stop`` is set; loads ``config`` after the port is bound."""
+    """Run the worker until ``stop`` is set; loads ``config`` after the port is bound.
+
+    With ``poll_s`` > 0 the worker also re-applies ``config`` that often, so it
+    loads new version directories by itself (TF Serving's
+    --file_system_poll_wait_seconds), until a ReloadConfig replaces it.
+    """
     load_pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load",
                                    initializer=enter_idle_class)
     journal = Journal()
@@ -343,6 +352,17 @@ async def serve(
                 await manager.reload(config)
             except ServingError as exc:
                 log.error("initial model config: %s", exc.message)
+            await services.update_health()
+        while poll_s > 0 and config is not None and has_models and not services.reload_requests:
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+                break
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await manager.reload(config)
+            except ServingError as exc:
+                log.warning("storage poll: %s", exc.message)
             await services.update_health()
         await stop.wait()
     finally:

@@ -99,6 +99,24 @@ class CanaryController:
                 self.apply(m.name, doc, check_versions=False)
         metrics.track_routing(self.metric_families)
 
+    def set_models(self, config: Config) -> None:
+        """Follow a new model list: a new model, or one whose configured routing changed,
+        takes its routing block; a removed model's routing and progression are dropped
+        (the registry has already been told, so call this after it)."""
+        old = {m.name: m for m in self.config.models}
+        self.config = config
+        names = {m.name for m in config.models}
+        for name in [n for n in self.documents if n not in names]:
+            self.documents.pop(name, None)
+        for name in [n for n in self.progress if n not in names]:
+            self._stop(name)
+            self.progress.pop(name, None)
+        for name in [n for n in self._promoted if n not in names]:
+            self._promoted.pop(name, None)
+        for m in config.models:
+            if m.name not in old or old[m.name].routing != m.routing or old[m.name].version_labels != m.version_labels:
+                self.apply(m.name, m.routing.document(), check_versions=False)
+
     # -- the routing block -----------------------------------------------------
 
     def get(self, model: str) -> dict[str, Any]:

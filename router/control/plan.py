@@ -193,7 +193,8 @@ class _Planner:
 
         pending = [w for w in live if not w.busy and not w.waiting and not self.exempt(w) and not self.done(w)]
         actions: list[Action] = []
-        needs_drain = [w for w in pending if w.in_rotation and limits.staged]
+        # A worker that holds nothing serves nothing: it is loaded without a drain.
+        needs_drain = [w for w in pending if w.in_rotation and limits.staged and _holds_any(w)]
 
         surges = [w for w in self.workers if w.surge]
         if needs_drain and not surges and r.phase != STEADY:
@@ -215,7 +216,7 @@ class _Planner:
         for w in sorted(pending, key=lambda w: (w.in_rotation, self.serving(w), w.surge, w.name)):
             hold = self.target(w)
             unload_first = limits.swap and bool(_minus(w.held, hold)) and bool(_minus(hold, w.held))
-            if not w.in_rotation:
+            if not w.in_rotation or not _holds_any(w):
                 actions.append(Prepare(w.name, hold, drain=False, unload_first=unload_first))
                 continue
             if not limits.staged:
@@ -277,6 +278,10 @@ class _Planner:
                 return [Blocked("waiting for a worker to serve before the surge worker is retired")]
             return [Retire(s.name)]
         return [Finish("rolled_back" if r.phase == ROLLBACK else "done")]
+
+
+def _holds_any(w: WorkerView) -> bool:
+    return any(w.held.values())
 
 
 def _minus(a: Versions, b: Versions) -> dict[str, frozenset[int]]:

@@ -69,6 +69,23 @@ class Registry:
         self.on_route: Callable[[str, str], None] = lambda model, why: None
         pool.unservable = self.unservable
 
+    def set_models(self, config: Config) -> None:
+        """Follow a new model list: new models start with no version, removed ones are forgotten
+        (NOT_FOUND from now on); a model whose configured labels changed takes them."""
+        old = self._models
+        self.config = config
+        self._models = {m.name: m for m in config.models}
+        for name in old.keys() - self._models.keys():
+            for table in (self.default, self.aspired, self.labels, self.routing, self.switched_at):
+                table.pop(name, None)
+            self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
+            self._meta = {k: v for k, v in self._meta.items() if k[0] != name}
+        for name, m in self._models.items():
+            self.default.setdefault(name, None)
+            self.aspired.setdefault(name, ())
+            if name not in old or old[name].version_labels != m.version_labels:
+                self.labels[name] = dict(m.version_labels)
+
     def model(self, name: str) -> ModelConfig:
         m = self._models.get(name)
         if m is None:
@@ -79,8 +96,8 @@ class Registry:
 
     def switch(self, model: str, version: int | None) -> None:
         """Make ``version`` the one unversioned requests of ``model`` get, from now on."""
-        old = self.default[model]
-        if old == version:
+        old = self.default.get(model)
+        if old == version or model not in self._models:
             return
         self.default[model] = version
         self.switched_at[model] = self._clock()

@@ -186,12 +186,26 @@ class Controller:
         self._wake = asyncio.Event()
         self._blocked_logged: str | None = None
         self._stopping = False
+        self.passive = False  # workers.control: passive (router/control/passive.py) runs instead
         metrics.track_control(self.metric_families)
 
     # -- the loop ------------------------------------------------------------------
 
     def wake(self) -> None:
         self._wake.set()
+
+    def set_models(self, config: Config) -> None:
+        """Follow a new model list.  A new model is loaded by the next rollout; a removed
+        one stays in ``current`` so that rollout also unloads it from the workers."""
+        self.config = config
+        names = {m.name for m in config.models}
+        for name in names:
+            self.current.setdefault(name, frozenset())
+        r = self.rollout
+        if r is not None:  # it cannot load or restore a model that is no longer configured
+            for table in (r.old, r.new, r.old_default, r.new_default):
+                for name in [n for n in table if n not in names]:
+                    del table[name]
 
     async def run(self) -> None:
         while not self._stopping:
@@ -380,6 +394,8 @@ class Controller:
         Retries the version if it had failed.  Raises ValueError when a
         rollout is running or the version is not complete on disk.
         """
+        if self.passive:
+            raise RolloutBusy(PASSIVE)
         if self.rollout is not None:
             raise RolloutBusy(f"rollout {self.rollout.id} is running ({self.rollout.changes()}); "
                               "abort it or wait for it to end")
@@ -407,6 +423,8 @@ class Controller:
         self.registry.failed.pop((model, version), None)
 
     def abort(self, reason: str = "aborted by an operator") -> Rollout:
+        if self.passive:
+            raise RolloutBusy(PASSIVE)
         r = self.rollout
         if r is None:
             raise RolloutBusy("no rollout is running")
@@ -635,7 +653,7 @@ class Controller:
                 "name": m.name,
                 "base_path": m.base_path,
                 "default_version": self.registry.default.get(m.name),
-                "serving": sorted(self.current[m.name]),
+                "serving": sorted(self.pool.available_versions(m.name) if self.passive else self.current[m.name]),
                 "available": sorted(self.pool.available_versions(m.name)),
                 "complete_on_disk": list(self.source.candidates(m.name)),
                 "pinned": self.source.pinned(m.name),
@@ -679,6 +697,10 @@ class Controller:
         for name in (LOAD, UNLOAD, ROLLBACK):
             phase.add_metric((name,), 1 if self.rollout is not None and self.rollout.phase == name else 0)
         return [held, default, since, phase]
+
+
+PASSIVE = ("workers.control is passive: the workers choose their versions; roll out by putting the version "
+           "where they poll, or run the router with active control")
 
 
 class RolloutBusy(Exception):

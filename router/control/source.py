@@ -107,6 +107,13 @@ class VersionSource:
         self._scan = scan
         self._state = {name: _ModelState() for name in self.models}
 
+    def set_models(self, models: Iterable[ModelConfig]) -> None:
+        """Follow a new model list (a model whose base path changed starts afresh)."""
+        old = self.models
+        self.models = {m.name: m for m in models}
+        self._state = {name: self._state[name] if name in old and old[name].base_path == m.base_path
+                       else _ModelState() for name, m in self.models.items()}
+
     # -- polling ---------------------------------------------------------------
 
     def poll(self) -> None:

@@ -53,6 +53,12 @@ def reload_request(models: Iterable[ModelConfig], hold: Mapping[str, Iterable[in
 async def refresh(backend: Backend, models: Iterable[ModelConfig], registry: Registry, generation: int,
                   timeout: float) -> None:
     """Read the worker's per-version status and the signatures of its AVAILABLE versions."""
+    backend.versions = await read_status(backend, models, registry, generation, timeout)
+
+
+async def read_status(backend: Backend, models: Iterable[ModelConfig], registry: Registry, generation: int,
+                      timeout: float) -> dict[str, dict[int, status_pb2.ModelVersionStatus]]:
+    """The worker's per-version status (signatures of AVAILABLE versions fetched), not yet applied."""
     transport = backend.transport
     if transport is None or backend.generation != generation:
         raise WorkerRestarted(f"worker {backend.name} restarted")
@@ -71,7 +77,7 @@ async def refresh(backend: Backend, models: Iterable[ModelConfig], registry: Reg
                 await registry.fetch_metadata(transport, m.name, s.version)
     if backend.generation != generation:
         raise WorkerRestarted(f"worker {backend.name} restarted")
-    backend.versions = statuses
+    return statuses
 
 
 async def hold(backend: Backend, models: Iterable[ModelConfig], versions: Mapping[str, frozenset[int]],

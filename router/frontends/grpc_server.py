@@ -78,6 +78,10 @@ class GrpcFrontend:
         self.active = 0  # requests being handled
         metrics.track_in_flight("grpc", lambda: self.active)
 
+    def set_models(self, config: Config) -> None:
+        self.config = config
+        self._model_names = frozenset(m.name for m in config.models)
+
     def _label(self, model: str) -> str:
         """Unknown model names share one label: a URL must not mint new series."""
         return model if model in self._model_names else "_unknown"

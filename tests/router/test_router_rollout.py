@@ -27,17 +27,10 @@ import grpc
 import orjson
 import pytest
 
-from tests.support import ROOT, TEST_VOCAB, RouterProcess, SteadyLoad, child_env, predict_request
+from tests.support import ROOT, TEST_VOCAB, RouterProcess, SteadyLoad, child_env, copy_in, predict_request
 from workers.demo_model import example_inputs
 
 INPUTS = example_inputs(2, vocab=TEST_VOCAB)
-
-
-def copy_in(source: Path, base: Path, version: int, staging: Path) -> None:
-    """Written beside, renamed in: what a careful deployment tool does."""
-    target = staging / f"v{version}-{time.monotonic_ns()}"
-    shutil.copytree(source, target)
-    os.rename(target, base / str(version))
 
 
 def start(base: Path, logs_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None,
