@@ -4,11 +4,15 @@
     tfs-router serve --config configs/local.yaml
     tfs-router serve --model-name ctr --model-base-path models/ctr --workers 2
     tfs-router serve --static 10.0.0.5:8500 --model-name ctr --model-base-path /models/ctr
+    tfs-router serve --port 8500 --model_config_file models.config --enable_batching   # TF Serving's flags
     tfs-router status | rollout MODEL [--version V] [--watch] | rollback MODEL | abort | drain W | undrain W
 
 Quick flags override the config file; with --model-name/--model-base-path no
-config file is needed.  The operator commands talk to the admin endpoint
-(``router/cli.py``).
+config file is needed.  A command line with any of tensorflow_model_server's
+own flags (``--port``, ``--model_config_file``, ...) is read the way TF Serving
+reads it instead (``router/tfs_flags.py``; also installed as the
+``tensorflow_model_server`` command).  The operator commands talk to the admin
+endpoint (``router/cli.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import asyncio
 import gc
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from shared.errors import BindError
 from router import cli
 from router import config as cfgmod
 from router import log as rlog
+from router import tfs_flags
+
+Watch = tuple[Callable[[], tuple[cfgmod.ModelConfig, ...]], float]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="serve one model by this name (with --model-base-path)")
     s.add_argument("--model-base-path", help="directory holding the model's numbered versions")
     s.add_argument("--workers", type=int, help="number of worker processes to spawn")
+    s.add_argument("--numa", action=argparse.BooleanOptionalAction, default=None,
+                   help="pin each worker to one NUMA node's CPUs and memory (workers.numa)")
+    s.add_argument("--cpus-per-worker", type=int, help="0: a node's workers share its CPUs; N: each worker "
+                                                        "pinned to its own N CPUs (workers.cpus_per_worker)")
     s.add_argument("--static", nargs="+", metavar="ADDR", help="use these TF-Serving-compatible servers instead of spawning")
     s.add_argument("--grpc-port", type=int, help="gRPC port (TF Serving: 8500; 0 picks a free one)")
     s.add_argument("--rest-port", type=int, help="REST port (TF Serving: 8501; 0 picks a free one)")
@@ -58,6 +70,10 @@ def build_config(args: argparse.Namespace) -> cfgmod.Config:
                               "batching": cfgmod.asdict_lists(batching)}]
     if args.workers is not None:
         changes["workers.count"] = args.workers
+    if args.numa is not None:
+        changes["workers.numa"] = args.numa
+    if args.cpus_per_worker is not None:
+        changes["workers.cpus_per_worker"] = args.cpus_per_worker
     if args.static:
         changes["workers.mode"] = "static"
         changes["workers.addresses"] = list(args.static)
@@ -76,10 +92,12 @@ def build_config(args: argparse.Namespace) -> cfgmod.Config:
     return cfg
 
 
-async def serve(cfg: cfgmod.Config) -> int:
+async def serve(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
     from router.app import App, describe
 
     app = App(cfg)
+    if watch is not None:  # --model_config_file_poll_wait_seconds
+        app.watch_models(*watch)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -109,6 +127,9 @@ async def serve(cfg: cfgmod.Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"] and tfs_flags.wants(argv[1:]):
+        tfs_flags.main(argv[1:], prog="tfs-router serve")
     args = parser().parse_args(argv)
     if args.command != "serve":
         raise SystemExit(cli.run(args))
@@ -117,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     except cfgmod.ConfigError as exc:
         print(f"tfs-router: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    raise SystemExit(run(cfg))
+
+
+def run(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
+    """Serve ``cfg`` until SIGTERM/SIGINT; the exit status (2: a port or config problem)."""
     rlog.setup(cfg.log.level, cfg.log.format, cfg.log.access_log)
     # One series per label set is enough; *_created doubles the scrape for nothing.
     import prometheus_client
@@ -125,14 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     try:
-        code = uvloop.run(serve(cfg))
+        code = uvloop.run(serve(cfg, watch))
     except BindError as exc:
         print(f"tfs-router: {exc}", file=sys.stderr)
         code = 2
     except cfgmod.ConfigError as exc:
         print(f"tfs-router: config error: {exc}", file=sys.stderr)
         code = 2
-    raise SystemExit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -215,6 +215,11 @@ class CanaryController:
 
     def _retire_old(self, model: str, canary: int) -> None:
         self._retry_retire.discard(model)
+        if self.rollouts.passive:  # the workers choose what they hold: nothing to retire from here
+            log.info("model %s: version %d promoted; passive control, so the old version stays where the "
+                     "workers keep it", model, canary)
+            self._promoted.pop(model, None)
+            return
         try:
             self.rollouts.request(model, canary, f"canary version {canary} promoted")
         except RolloutBusy:

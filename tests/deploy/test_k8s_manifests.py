@@ -23,12 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from google.protobuf import (
-    descriptor_pb2,
-    descriptor_pool,
-    message_factory,
-    text_format,
-)
+from google.protobuf import text_format
 
 from router import config as cfgmod
 from tests.deploy.kustomize_lite import KustomizeError, render
@@ -389,26 +384,13 @@ def tf_serving_flags(c: Doc) -> dict[str, str]:
 
 @cache
 def tf_serving_messages() -> tuple[type, type]:
-    """TF Serving's ModelServerConfig (from tensorflow-serving-api) and MonitoringConfig.
-
-    monitoring_config.proto is not in the pip package; its two messages are
-    declared here as TF Serving defines them (prometheus_config {enable, path}).
-    """
+    """TF Serving's ModelServerConfig (from tensorflow-serving-api) and MonitoringConfig
+    (not in that package: the project's own copy, text-compatible with TF Serving's)."""
     from tensorflow_serving.config import model_server_config_pb2
 
-    T = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="tfsrouter_test/monitoring_config.proto",
-                                           package="tensorflow.serving", syntax="proto3")
-    prom = f.message_type.add(name="PrometheusConfig")
-    prom.field.add(name="enable", number=1, type=T.TYPE_BOOL, label=T.LABEL_OPTIONAL)
-    prom.field.add(name="path", number=2, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-    mon = f.message_type.add(name="MonitoringConfig")
-    mon.field.add(name="prometheus_config", number=1, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
-                  type_name=".tensorflow.serving.PrometheusConfig")
-    pool = descriptor_pool.DescriptorPool()  # a private pool: nothing clashes with the default one
-    pool.Add(f)
-    monitoring = message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
-    return model_server_config_pb2.ModelServerConfig, monitoring
+    from protos import monitoring_pb2
+
+    return model_server_config_pb2.ModelServerConfig, monitoring_pb2.MonitoringConfig
 
 
 def parse_dns_address(address: str) -> tuple[str, int]:
