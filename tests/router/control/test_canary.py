@@ -27,6 +27,7 @@ class Rollouts:
     def __init__(self) -> None:
         self.requests: list[tuple[str, int | None]] = []
         self.rollout: Any = None
+        self.passive = False  # workers.control: active (the router retires promoted-over versions)
 
     def request(self, model: str, version: int | None, reason: str) -> None:
         self.requests.append((model, version))
@@ -107,6 +108,15 @@ def test_operator_weight_abort_and_promote() -> None:
     w.registry.switch("m", 2)  # the promotion's rollout switched the default
     w.advance(0.1)
     assert "split" not in w.canary.get("m")  # the split has done its job
+
+
+def test_promotion_under_passive_control_moves_traffic_and_retires_nothing() -> None:
+    w = World()
+    w.rollouts.passive = True  # the workers choose what they hold
+    w.canary.promote("m")
+    assert w.resolve("anyone") == 2 and w.registry.labels["m"]["stable"] == 2
+    w.advance(0.1)
+    assert w.rollouts.requests == []  # no rollout asked for, none retried later
 
 
 def test_progressive_promotes_a_healthy_canary_step_by_step() -> None:
