@@ -80,6 +80,8 @@ class App:
         self.passive = PassiveSync(config, self.pool, self.registry, on_change=self._publish_states) \
             if w.control == "passive" else None
         self.controller.passive = self.passive is not None
+        if self.passive is not None:
+            self.pool.version_missing = self.passive.version_missing
         self.discovery = Discovery(w.addresses, resolver=resolver or system_resolver, refresh_s=w.dns_refresh_s,
                                    drop_after=w.dns_drop_after, add=self._add_worker, drop=self._drop_worker) \
             if w.mode == "static" and any(parse_dns(a) for a in w.addresses) else None

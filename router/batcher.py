@@ -286,9 +286,9 @@ class Batcher:
                 _fail(batch, exc)
             else:
                 outcome = "isolate"
-        except (TransportError, NotFound):
+        except (TransportError, NotFound) as exc:
             # The worker died, or dropped the version, under the batch: once more elsewhere.
-            outcome = "resend"
+            outcome = "resend_missing" if isinstance(exc, NotFound) else "resend"
         except ServingError as exc:
             _fail(batch, exc)
         except Exception as exc:  # never leave members waiting out their deadlines
@@ -302,8 +302,10 @@ class Batcher:
             # One bad request must not fail the others: each member alone.
             self.metrics.retried(key.model, "batch_invalid_argument")
             await asyncio.gather(*(self._send(key, settings, [item], None) for item in batch))
-        elif outcome == "resend":
+        elif outcome in ("resend", "resend_missing"):
             self.metrics.retried(key.model, "worker_unavailable")
+            if outcome == "resend_missing":
+                await self.pool.version_missing(backend, key.model, key.version)
             await self._send(key, settings, batch, backend)
 
     def _room(self, lane: tuple[str, int], settings: BatchingConfig) -> bool:

@@ -137,6 +137,7 @@ class DataPlane:
         """
         for attempt in (0, 1):
             backend = await self.pool.acquire(model, version, deadline, exclude)
+            missing: NotFound | None = None
             try:
                 timeout = deadline - self._clock()
                 if timeout <= 0:
@@ -149,16 +150,18 @@ class DataPlane:
                 self._on_retry(model, "worker_unavailable")
                 log.warning("worker %s failed under a request; retrying elsewhere", backend.name)
             except NotFound as exc:
-                # The worker dropped the version between the router's view and the call.
-                if attempt or not self._others(model, version, backend):
-                    if isinstance(exc, VersionWithdrawn):
-                        raise
-                    # It left the pool (a worker that manages its own versions unloaded it):
-                    # a request the router chose the version for goes to the version it would get now.
-                    raise VersionWithdrawn(exc.message) from exc
-                self._on_retry(model, "version_moved")
+                missing = exc  # the worker dropped the version between the router's view and the call
             finally:
                 self.pool.release(backend, model)
+            if missing is not None:
+                await self.pool.version_missing(backend, model, version)  # the view brought up to date
+                if attempt or not self._others(model, version, backend):
+                    if isinstance(missing, VersionWithdrawn):
+                        raise missing
+                    # It left the pool (a worker that manages its own versions unloaded it):
+                    # a request the router chose the version for goes to the version it would get now.
+                    raise VersionWithdrawn(missing.message) from missing
+                self._on_retry(model, "version_moved")
             exclude = backend
         raise Unavailable("unreachable")  # pragma: no cover - the loop returns or raises
 

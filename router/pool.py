@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -224,6 +224,10 @@ class _Waiter:
         )
 
 
+async def _nothing_missing(backend: Backend, model: str, version: int) -> None:
+    return None
+
+
 class Pool:
     def __init__(
         self,
@@ -246,6 +250,10 @@ class Pool:
         # control plane knows whether it is coming (UNAVAILABLE) or gone (NOT_FOUND).
         self.unservable = unservable or (
             lambda model, version: Unavailable(f"no ready worker serves {model} version {version}"))
+        # A worker answered NOT_FOUND for a version the router thought it held: the
+        # control plane may bring its view up to date before the request is retried
+        # (passive control reads the workers again).
+        self.version_missing: Callable[[Backend, str, int], Awaitable[None]] = _nothing_missing
 
     # -- queries ---------------------------------------------------------------
 

@@ -69,6 +69,9 @@ class PassiveSync:
         self._on_change = on_change or (lambda: None)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._started = 0  # polls begun, and polls applied (version_missing waits on these)
+        self._finished = 0
+        self._polled = asyncio.Condition()
 
     def wake(self) -> None:
         self._wake.set()
@@ -76,10 +79,14 @@ class PassiveSync:
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            self._started += 1
             try:
                 await self.poll()
             except Exception:  # the loop must outlive its own bugs
                 log.exception("passive status poll failed")
+            self._finished = self._started
+            async with self._polled:
+                self._polled.notify_all()
             try:
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
@@ -108,6 +115,22 @@ class PassiveSync:
             # Health checks decide whether it is dead; its last known versions stand until then.
             log.debug("worker %s: status not read: %s", b.name, exc)
             return None
+
+    async def version_missing(self, b: Backend, model: str, version: int) -> None:
+        """A worker answered NOT_FOUND for ``version``: it changed its versions since the
+        last poll.  Returns once a poll that started after now has been applied (one poll
+        serves every request that waits for it), so a retry resolves against what the
+        workers hold now, not what they held."""
+        log.debug("worker %s answered NOT_FOUND for %s version %d: reading the workers again",
+                  b.name, model, version)
+        target = self._started + 1
+        self.wake()
+        try:
+            async with asyncio.timeout(self.rpc_timeout):
+                async with self._polled:
+                    await self._polled.wait_for(lambda: self._finished >= target)
+        except TimeoutError:
+            pass
 
     def settle(self) -> None:
         """Rotation, aspired versions and defaults from the versions last read (no I/O)."""
