@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from router.app import App
@@ -116,16 +117,21 @@ class InProcessRouter:
         self.thread.join(30)
 
 
-def test_dns_discovery_adds_and_drops_workers_under_load(model_root: Path, logs_dir: Path) -> None:
-    servers = [WorkerProcess(log_dir=logs_dir) for _ in range(2)]  # started empty: the router syncs them
+@pytest.mark.parametrize("control", ["active", "passive"])
+def test_dns_discovery_adds_and_drops_workers_under_load(control: str, model_root: Path, logs_dir: Path) -> None:
+    if control == "active":  # started empty: the router tells them what to hold
+        servers = [WorkerProcess(log_dir=logs_dir) for _ in range(2)]
+    else:  # they load their models themselves (the Kubernetes "fleet" topology)
+        servers = [WorkerProcess("--model", f"ctr={model_root / 'ctr'}", "--version-policy", "specific:1",
+                                 log_dir=logs_dir) for _ in range(2)]
     dns = FakeDns()
     dns.addresses = [servers[0].address]
     router = None
     try:
         router = InProcessRouter({
             "models": [{"name": "ctr", "base_path": str(model_root / "ctr"), "version_policy": "specific:1"}],
-            "workers": {"mode": "static", "addresses": ["dns:workers.models.svc:8500"],
-                        "dns_refresh_s": 0.2, "dns_drop_after": 2},
+            "workers": {"mode": "static", "addresses": ["dns:workers.models.svc:8500"], "control": control,
+                        "dns_refresh_s": 0.2, "dns_drop_after": 2, "status_poll_s": 0.2},
             "grpc": {"host": "127.0.0.1", "port": 0}, "rest": {"host": "127.0.0.1", "port": 0},
             "admin": {"port": -1}, "poll_interval_s": 0.2,
         }, dns)
@@ -150,6 +156,8 @@ def test_dns_discovery_adds_and_drops_workers_under_load(model_root: Path, logs_
         assert not load.failures, load.failures[:5]
         assert first.stats()["requests"] == dropped_at  # nothing reached it once dropped
         assert set(load.served) == {1}
+        for s in servers:  # passive: the router never told them anything
+            assert (s.stats()["reload_requests"] == 0) == (control == "passive")
     finally:
         if router is not None:
             router.close()
