@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import logging
 import time
 from collections import deque
@@ -44,6 +45,9 @@ Dispatch = Callable[[str, int, Callable[[Transport, float], Awaitable[predict_pb
                      Backend | None], Awaitable[predict_pb2.PredictResponse]]
 
 
+ALL_VERSIONS = -1  # a lane (model, ALL_VERSIONS): the model's batches of every version
+
+
 @dataclass(frozen=True)
 class BatchKey:
     model: str
@@ -60,10 +64,10 @@ class BatchKey:
     def __hash__(self) -> int:
         return self._hash
 
-    @property
-    def lane(self) -> tuple[str, int]:
-        """Batches of one (model, version) share max_concurrent_batches."""
-        return (self.model, self.version)
+    def lane(self, settings: BatchingConfig) -> tuple[str, int]:
+        """The batches that share max_concurrent_batches: the model's, every version's
+        together (a split's versions take turns); with share_wait_micros 0, each version's."""
+        return (self.model, self.version) if settings.share_wait_micros == 0 else (self.model, ALL_VERSIONS)
 
 
 @dataclass(eq=False)
@@ -160,7 +164,10 @@ class Batcher:
         # Per (model, version): batches formed by its queues now in flight, and
         # an event set whenever one of them finishes (max_concurrent_batches).
         # Per version, so a slow canary cannot hold the stable version's batches back.
-        self._running: dict[tuple[str, int], int] = {}
+        # lane -> (when it went out, its version) for each of its batches in flight
+        self._sent: dict[tuple[str, int], list[tuple[float, int]]] = {}
+        # lane -> version -> when the oldest request of its queue came, while it waits its turn
+        self._turns: dict[tuple[str, int], dict[int, float]] = {}
         self._batch_done: dict[tuple[str, int], asyncio.Event] = {}
 
     def queued_rows(self, model: str) -> int:
@@ -176,14 +183,15 @@ class Batcher:
         now = self._clock()
         future: asyncio.Future[predict_pb2.PredictResponse] = loop.create_future()
         item = Pending(request, rows, deadline, now, future)
-        if not queue.items and key not in self._runners and self._room(key.lane, settings):
+        lane = key.lane(settings)
+        if not queue.items and key not in self._runners and not self._room(lane, settings, now, key.version, now):
             # Nothing waits and a slot is free: go at once, from this task (no
             # dispatcher hop), so low load pays nothing for batching.
             backend = self.pool.try_acquire(key.model, key.version, limit=settings.max_inflight_batches)
             if backend is not None:
                 item.queued = False
-                self._claim(key.lane)
-                await self._execute(key, settings, [item], SLOT_FREED, backend)
+                sent = self._claim(lane, key.version)
+                await self._execute(key, settings, [item], SLOT_FREED, backend, lane, sent)
                 return await future
         try:
             queue.add(item)
@@ -207,7 +215,7 @@ class Batcher:
         queue = self._queues[key] = BatchQueue(settings)
         self._wakeups[key] = asyncio.Event()
         model = key.model
-        self._batch_done.setdefault(key.lane, asyncio.Event())
+        self._batch_done.setdefault(key.lane(settings), asyncio.Event())
         self.metrics.track_queue_depth(model, lambda: self.queued_rows(model))
         return queue
 
@@ -230,14 +238,31 @@ class Batcher:
                     except asyncio.TimeoutError:
                         pass
                     continue
-                if not self._room(key.lane, queue.settings):
-                    # As many of this version's batches in flight as allowed: the
-                    # next one forms when one of them is done.  (Queued requests
-                    # still expire on their own timers meanwhile.)
-                    done = self._batch_done[key.lane]
+                lane = key.lane(queue.settings)
+                wait = self._room(lane, queue.settings, now, key.version, queue.items[0].enqueued)
+                turns = self._turns.setdefault(lane, {})
+                if wait > 0:
+                    if self._own(lane, key.version) < queue.settings.max_concurrent_batches:
+                        # Held back by other versions' batches: its turn comes before younger requests'.
+                        turns[key.version] = queue.items[0].enqueued
+                    else:  # by its own batches in flight: nobody waits for it
+                        turns.pop(key.version, None)
+                    # As many of the model's batches in flight as allowed: the next
+                    # one forms when one of them is done, or once one of another
+                    # version has run share_wait_micros (a slow version holds the
+                    # others back by no more).  Queued requests still expire on
+                    # their own timers meanwhile.
+                    done = self._batch_done[lane]
                     done.clear()
-                    await done.wait()
+                    if wait == math.inf:
+                        await done.wait()
+                    else:
+                        try:
+                            await asyncio.wait_for(done.wait(), wait)
+                        except asyncio.TimeoutError:
+                            pass
                     continue
+                turns.pop(key.version, None)
                 latest = max(i.deadline for i in queue.items)
                 try:
                     backend = await self.pool.acquire(key.model, key.version, latest,
@@ -251,7 +276,8 @@ class Batcher:
                             item.future.set_exception(exc)
                     queue.items.clear()
                     continue
-                if not self._room(key.lane, queue.settings):
+                head = queue.items[0].enqueued if queue.items else now
+                if self._room(lane, queue.settings, self._clock(), key.version, head):
                     # Another queue of the version sent a batch while this one waited for a slot.
                     self.pool.release(backend, key.model)
                     continue
@@ -259,16 +285,18 @@ class Batcher:
                 if not batch:
                     self.pool.release(backend, key.model)
                     continue
-                self._claim(key.lane)
-                task = asyncio.get_running_loop().create_task(self._execute(key, queue.settings, batch, trigger, backend))
+                sent = self._claim(lane, key.version)
+                task = asyncio.get_running_loop().create_task(
+                    self._execute(key, queue.settings, batch, trigger, backend, lane, sent))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
             # No await between the empty check and here, so no submit can slip in unseen.
             del self._runners[key]
+            self._turns.get(key.lane(queue.settings), {}).pop(key.version, None)
 
     async def _execute(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending], trigger: str,
-                       backend: Backend) -> None:
+                       backend: Backend, lane: tuple[str, int], sent: tuple[float, int]) -> None:
         now = self._clock()
         total = sum(item.rows for item in batch)
         padded = pad_to(total, settings.allowed_batch_sizes)
@@ -296,8 +324,8 @@ class Batcher:
             _fail(batch, Internal(f"{type(exc).__name__}: {exc}"))
         finally:
             self.pool.release(backend, key.model)
-            self._running[key.lane] -= 1
-            self._batch_done[key.lane].set()
+            self._sent[lane].remove(sent)
+            self._batch_done[lane].set()
         if outcome == "isolate":
             # One bad request must not fail the others: each member alone.
             self.metrics.retried(key.model, "batch_invalid_argument")
@@ -308,14 +336,41 @@ class Batcher:
                 await self.pool.version_missing(backend, key.model, key.version)
             await self._send(key, settings, batch, backend)
 
-    def _room(self, lane: tuple[str, int], settings: BatchingConfig) -> bool:
-        """Whether another batch of this (model, version) may go out under max_concurrent_batches."""
+    def _room(self, lane: tuple[str, int], settings: BatchingConfig, now: float, version: int,
+              since: float) -> float:
+        """0 when another batch of ``version`` (whose oldest request came at ``since``) may go
+        out under max_concurrent_batches; else how long until one may (math.inf: when one of
+        the lane's is done).  Versions take turns: one whose requests waited longer goes
+        first.  Another version's batch in flight for share_wait_micros or longer no longer
+        counts: a slow version does not hold the others back for longer."""
         cap = settings.max_concurrent_batches
-        return cap == 0 or self._running.get(lane, 0) < cap
+        if not cap:
+            return 0.0
+        sent = self._sent.get(lane, ())
+        waiting = self._turns.get(lane)
+        older = sum(1 for v, t in waiting.items() if v != version and t < since) if waiting else 0
+        if len(sent) + older < cap:
+            return 0.0
+        own = self._own(lane, version)
+        if own >= cap or not settings.share_wait_micros:
+            return math.inf
+        share_wait = settings.share_wait_micros / 1e6
+        others = sorted(t for t, v in sent if v != version and now - t < share_wait)
+        if own + len(others) + older < cap:
+            return 0.0
+        if own + older >= cap:
+            return math.inf  # this version's own batches, or its elders' turns, first
+        return others[own + len(others) + older - cap] + share_wait - now  # when enough have run that long
 
-    def _claim(self, lane: tuple[str, int]) -> None:
+    def _own(self, lane: tuple[str, int], version: int) -> int:
+        """Batches of ``version`` in flight."""
+        return sum(1 for _, v in self._sent.get(lane, ()) if v == version)
+
+    def _claim(self, lane: tuple[str, int], version: int) -> tuple[float, int]:
         """Count a batch that is about to be sent (``_execute`` gives it back)."""
-        self._running[lane] = self._running.get(lane, 0) + 1  # its event exists: see _new_queue
+        sent = (self._clock(), version)
+        self._sent.setdefault(lane, []).append(sent)  # its event exists: see _new_queue
+        return sent
 
     def _assemble(self, key: BatchKey, batch: list[Pending], settings: BatchingConfig) -> predict_pb2.PredictRequest:
         total = sum(item.rows for item in batch)

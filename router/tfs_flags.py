@@ -122,7 +122,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("batching_parameters_file", "str", '""', MAPPED,
          "text BatchingParameters onto `models[].batching`: `max_batch_size`, `batch_timeout_micros`, "
          "`max_enqueued` = max_enqueued_batches x max_batch_size, `max_concurrent_batches` = num_batch_threads "
-         "(per model version here; TF Serving's threads are shared by all models), `allowed_batch_sizes`; "
+         "(per model here, its versions taking turns; TF Serving's threads are shared by all models), `allowed_batch_sizes`; "
          "absent fields take TF Serving's defaults (1000, 0, 10 batches, the CPUs); "
          "`pad_variable_length_inputs: true` and `enable_large_batch_splitting: true` are refused; "
          "needs --enable_batching, as in TF Serving"),

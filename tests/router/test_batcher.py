@@ -682,3 +682,74 @@ def test_an_output_the_router_cannot_split_fails_the_batch_at_once() -> None:
             assert isinstance(result, (ServingError, predict_pb2.PredictResponse))
 
     run(main())
+
+
+def _two_versions(h: Harness) -> None:
+    for b in h.backends:
+        b.versions = {"m": {v: status_pb2.ModelVersionStatus(version=v, state=AVAILABLE) for v in (1, 2)}}
+
+
+async def _submit_version(h: Harness, version: int, x: np.ndarray) -> predict_pb2.PredictResponse:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.model_spec.version.value = version
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["x"].CopyFrom(from_numpy(x))
+    key = BatchKey("m", version, KEY.signature, KEY.inputs, KEY.outputs)
+    return await h.batcher.submit(key, h.settings, request, x.shape[0], time.monotonic() + FAR)
+
+
+def test_versions_of_a_split_take_turns_so_a_small_share_still_batches() -> None:
+    async def main() -> None:
+        h = harness(n_backends=2, max_concurrent_batches=1, share_wait_micros=60_000_000)
+        _two_versions(h)
+        for fake in h.fakes:
+            fake.gate = asyncio.Event()
+
+        def calls() -> list[predict_pb2.PredictRequest]:
+            return [c for f in h.fakes for c in f.calls]
+
+        first = asyncio.create_task(_submit_version(h, 1, h.x(1)))
+        await until(lambda: len(calls()) == 1)
+        xs = [h.x(1) for _ in range(3)]
+        canary = [asyncio.create_task(_submit_version(h, 2, x)) for x in xs]
+        await until(lambda: h.batcher.queued_rows("m") == 3)
+        for _ in range(100):  # a worker is free, but version 1's batch is in flight: version 2 waits its turn
+            await asyncio.sleep(0)
+        assert len(calls()) == 1
+        for fake in h.fakes:
+            fake.gate.set()
+        responses = await asyncio.gather(first, *canary)
+        (v2_call,) = [c for c in calls() if c.model_spec.version.value == 2]
+        assert len(calls()) == 2 and rows_of(v2_call).tolist() == np.concatenate(xs).tolist()  # the three as one
+        for x, response in zip(xs, responses[1:]):
+            assert y_of(response).tolist() == (x * 2).tolist()
+        await h.batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("share_wait_micros", [20_000, 0])
+def test_a_slow_version_holds_the_others_back_no_longer_than_share_wait(share_wait_micros: int) -> None:
+    async def main() -> None:
+        h = harness(n_backends=2, max_concurrent_batches=1, share_wait_micros=share_wait_micros)
+        _two_versions(h)
+        slow = asyncio.Event()  # version 2's batch stays in flight until the end
+        for fake in h.fakes:
+            fake.gate = slow
+
+        def versions_sent() -> list[int]:
+            return [c.model_spec.version.value for f in h.fakes for c in f.calls]
+
+        canary = asyncio.create_task(_submit_version(h, 2, h.x(1)))
+        await until(lambda: versions_sent() == [2])
+        for fake in h.fakes:
+            fake.gate = None  # version 1's batches answer at once
+        stable = await asyncio.wait_for(_submit_version(h, 1, h.x(2)), 10)  # answered beside the slow batch
+        assert sorted(versions_sent()) == [1, 2] and not canary.done()
+        assert y_of(stable).shape == (2, 2)
+        slow.set()
+        await canary
+        await h.batcher.close()
+
+    run(main())
