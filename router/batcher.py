@@ -246,7 +246,7 @@ class Batcher:
                         # Held back by other versions' batches: its turn comes before younger requests'.
                         turns[key.version] = queue.items[0].enqueued
                     else:  # by its own batches in flight: nobody waits for it
-                        turns.pop(key.version, None)
+                        self._give_turn(lane, key.version)
                     # As many of the model's batches in flight as allowed: the next
                     # one forms when one of them is done, or once one of another
                     # version has run share_wait_micros (a slow version holds the
@@ -262,7 +262,7 @@ class Batcher:
                         except asyncio.TimeoutError:
                             pass
                     continue
-                turns.pop(key.version, None)
+                self._give_turn(lane, key.version)
                 latest = max(i.deadline for i in queue.items)
                 try:
                     backend = await self.pool.acquire(key.model, key.version, latest,
@@ -293,7 +293,7 @@ class Batcher:
         finally:
             # No await between the empty check and here, so no submit can slip in unseen.
             del self._runners[key]
-            self._turns.get(key.lane(queue.settings), {}).pop(key.version, None)
+            self._give_turn(key.lane(queue.settings), key.version)
 
     async def _execute(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending], trigger: str,
                        backend: Backend, lane: tuple[str, int], sent: tuple[float, int]) -> None:
@@ -359,8 +359,16 @@ class Batcher:
         if own + len(others) + older < cap:
             return 0.0
         if own + older >= cap:
-            return math.inf  # this version's own batches, or its elders' turns, first
+            # Its elders' turns first: they go when they can, and say so (_give_turn); a
+            # turn that cannot be taken (no worker for it yet) delays others this long at most.
+            return share_wait
         return others[own + len(others) + older - cap] + share_wait - now  # when enough have run that long
+
+    def _give_turn(self, lane: tuple[str, int], version: int) -> None:
+        """``version`` no longer waits its turn: the versions waiting behind it look again."""
+        turns = self._turns.get(lane)
+        if turns is not None and turns.pop(version, None) is not None:
+            self._batch_done[lane].set()
 
     def _own(self, lane: tuple[str, int], version: int) -> int:
         """Batches of ``version`` in flight."""

@@ -134,9 +134,9 @@ def test_sticky_split_weights_and_runtime_changes(model_root: Path, logs_dir: Pa
         assert router.terminate() == 0, router.log()
 
 
-def progressive(steps: list[int]) -> dict[str, Any]:
+def progressive(steps: list[int], max_p99_ratio: float = 3.0) -> dict[str, Any]:
     return {"split": {"stable": 100, "canary": 0},
-            "progressive": {"steps": steps, "interval_s": 1.0, "min_requests": 20, "max_p99_ratio": 3.0}}
+            "progressive": {"steps": steps, "interval_s": 1.0, "min_requests": 20, "max_p99_ratio": max_p99_ratio}}
 
 
 def wait_progress(router: RouterProcess, state: str, timeout: float = 60) -> dict[str, Any]:
@@ -174,7 +174,10 @@ def test_progressive_delivery_rolls_back_a_slow_canary(model_root: Path, slow_mo
     base.mkdir()
     shutil.copytree(model_root / "ctr" / "1", base / "1")
     shutil.copytree(slow_model, base / "2")
-    router = start(base, logs_dir, progressive([20, 60, 100]))
+    # The slow canary computes about ten times longer, but it also takes CPU from the
+    # stable version on a 2-core machine (stable p99 measured 7-44 ms beside it): the
+    # check is the default 1.5x, not a margin the contention can eat.
+    router = start(base, logs_dir, progressive([20, 60, 100], max_p99_ratio=1.5))
     try:
         with SteadyLoad(router.channel, predict_request("ctr", INPUTS), clients=4) as load:
             progress = wait_progress(router, "aborted")
@@ -184,7 +187,7 @@ def test_progressive_delivery_rolls_back_a_slow_canary(model_root: Path, slow_mo
         assert not load.failures, load.failures[:5]
         assert "p99" in progress["reason"] and progress["verdicts"][-1]["verdict"] == "abort", progress
         last = progress["verdicts"][-1]
-        assert last["canary"]["p99_ms"] > 3 * last["stable"]["p99_ms"]
+        assert last["canary"]["p99_ms"] > 1.5 * last["stable"]["p99_ms"]
         assert after and set(after) == {1}
         routing = router.status()["models"][0]["routing"]
         assert routing["weights"] == {"1": 100, "2": 0}
