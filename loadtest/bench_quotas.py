@@ -103,6 +103,7 @@ from loadtest.bench_rollout import (
     WrongAnswer,
     machine_busy_s,
 )
+from loadtest.common import start_router as common_start_router
 from loadtest.common import (
     GRPC_OPTIONS,
     ROOT,
@@ -311,16 +312,7 @@ def quotas_refused(log_text: str) -> str | None:
 
 
 def start_router(config: Mapping[str, Any], label: str) -> RouterProcess:
-    progress(f"[{label}] starting router ...")
-    router = RouterProcess(config)
-    try:
-        ready = router.wait_ready(timeout=ROUTER_READY_TIMEOUT_S, workers=WORKERS)
-    except BaseException:
-        progress(f"[{label}] {router.stop()}")
-        raise
-    progress(f"[{label}] router pid {router.pid} on {router.grpc_address} ready after {ready:.1f}s, "
-             f"workers {router.worker_pids()}")
-    return router
+    return common_start_router(config, label, workers=WORKERS, timeout=ROUTER_READY_TIMEOUT_S)
 
 
 # -- the flood: a child process ---------------------------------------------------------

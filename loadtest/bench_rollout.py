@@ -85,6 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.common import start_router as common_start_router
 from loadtest.common import (
     GRPC_OPTIONS,
     ROOT,
@@ -256,16 +257,7 @@ def staging_dir(base: Path) -> Path:
 
 
 def start_router(config: Mapping[str, Any], label: str) -> RouterProcess:
-    progress(f"[{label}] starting router ...")
-    router = RouterProcess(config)
-    try:
-        ready = router.wait_ready(timeout=ROUTER_READY_TIMEOUT_S, workers=WORKERS)
-    except BaseException:
-        progress(router.stop())
-        raise
-    progress(f"[{label}] router pid {router.pid} on {router.grpc_address} ready after {ready:.1f}s, "
-             f"workers {router.worker_pids()}")
-    return router
+    return common_start_router(config, label, workers=WORKERS, timeout=ROUTER_READY_TIMEOUT_S)
 
 
 # -- gRPC client -------------------------------------------------------------------

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from router.traffic import plain
+
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_PREFIX = "tfs-worker listening on "
 GRPC_OPTIONS: list[tuple[str, Any]] = [
@@ -710,7 +712,7 @@ class RouterProcess(_ChildProcess):
 
             fd, name = tempfile.mkstemp(prefix="tfs-router-", suffix=".yaml", dir=log_dir)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(_plain(config), f, sort_keys=False)
+                yaml.safe_dump(plain(config), f, sort_keys=False)
             self.config_path = Path(name)
             argv += ["--config", str(self.config_path)]
         args = list(args)
@@ -816,10 +818,17 @@ class RouterProcess(_ChildProcess):
             self._remove_config()
 
 
-def _plain(value: Any) -> Any:
-    """Mappings and sequences as the dicts and lists ``yaml.safe_dump`` takes."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+
+
+def start_router(config: Mapping[str, Any], label: str, *, workers: int, timeout: float) -> RouterProcess:
+    """A router on ``config``, waited for until ready with ``workers`` workers; progress on stderr."""
+    progress(f"[{label}] starting router ...")
+    router = RouterProcess(config)
+    try:
+        ready = router.wait_ready(timeout=timeout, workers=workers)
+    except BaseException:
+        progress(f"[{label}] {router.stop()}")
+        raise
+    progress(f"[{label}] router pid {router.pid} on {router.grpc_address} ready after {ready:.1f}s, "
+             f"workers {router.worker_pids()}")
+    return router

@@ -299,7 +299,9 @@ class App:
             await asyncio.sleep(interval)
             try:
                 models = await asyncio.to_thread(loader)
-                self.set_models(models)
+                if self.set_models(models):
+                    await asyncio.to_thread(self.source.poll)  # new base paths now, not a poll later
+                    self._wake_control()
             except ConfigError as exc:  # a half-written or broken file: keep serving what is configured
                 log.error("model config not reloaded: %s", exc)
             except Exception:
@@ -330,7 +332,6 @@ class App:
         log.info("models reconfigured: added %s, removed %s, changed %s", added or "none", removed or "none",
                  changed or "none")
         self._publish_states()
-        self.source.poll()
         self._wake_control()
         return True
 

@@ -183,8 +183,8 @@ class Batcher:
         now = self._clock()
         future: asyncio.Future[predict_pb2.PredictResponse] = loop.create_future()
         item = Pending(request, rows, deadline, now, future)
-        lane = key.lane(settings)
-        if not queue.items and key not in self._runners and not self._room(lane, settings, now, key.version, now):
+        if (not queue.items and key not in self._runners
+                and not self._room(lane := key.lane(settings), settings, now, key.version, now)):
             # Nothing waits and a slot is free: go at once, from this task (no
             # dispatcher hop), so low load pays nothing for batching.
             backend = self.pool.try_acquire(key.model, key.version, limit=settings.max_inflight_batches)

@@ -142,7 +142,7 @@ def compile_routing(document: Mapping[str, Any], labels: Mapping[str, int],
         raise RoutingError("sticky_header must be a header name")
     progressive = document.get("progressive") or {}
     check_progressive(progressive, split)
-    return Routing(rules, split, sticky.lower(), _plain(document))
+    return Routing(rules, split, sticky.lower(), plain(document))
 
 
 def _rule(raw: Any, labels: Mapping[str, int], known: Collection[int] | None, where: str) -> Rule:
@@ -243,9 +243,10 @@ def stable_and_canary(split: Split) -> tuple[int, int]:
     return older, newer
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Mappings and sequences as plain dicts (string keys) and lists: JSON's and YAML's shapes."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value

@@ -21,8 +21,7 @@ normal Predict still succeeds.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -35,6 +34,7 @@ from hypothesis import strategies as st
 from protos import metadata_pb2, predict_pb2, status_pb2, tensor_pb2, types_pb2
 from shared.tensor import NUMPY_DTYPE, fill, to_numpy
 from tests.support import RouterProcess
+from tests.router.fuzz_router import LABEL, MODEL, SERVED_VERSION, router, workers_at_start  # noqa: F401 (fixtures)
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
@@ -58,9 +58,6 @@ CLIENT_ERRORS = frozenset({
 })
 ANSWERS = CLIENT_ERRORS | {grpc.StatusCode.OK}
 
-MODEL = "ctr"
-SERVED_VERSION = 2  # version_policy latest over the fixture's versions 1 and 2
-LABEL = "stable"
 ID_INPUTS = ("user_id", "item_id", "category", "city", "device")
 DENSE_DIM = 20
 DT_INT64, DT_FLOAT = int(types_pb2.DT_INT64), int(types_pb2.DT_FLOAT)
@@ -73,28 +70,6 @@ SIGNATURES: dict[str, dict[str, tuple[int, tuple[int, ...]]]] = {
 OUTPUTS = ("probability", "logit", "embedding", "scores", "total")
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def router(model_root: Path, logs_dir: Path) -> Iterator[RouterProcess]:
-    config = {
-        "models": [{"name": MODEL, "base_path": str(model_root / MODEL), "version_labels": {LABEL: SERVED_VERSION}}],
-        "workers": {"count": 1},
-    }
-    r = RouterProcess(config, log_dir=logs_dir)
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        assert r.terminate() == 0, r.log()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def workers_at_start(router: RouterProcess) -> list[int]:
-    """The worker processes as the first test found them: none may die or restart under the fuzzing."""
-    pids = router.worker_pids()
-    assert pids, router.log()
-    return pids
 
 
 def _call(router: RouterProcess, method: str, raw: bool = False) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from schemathesis import GenerationMode
 from schemathesis.schemas import APIOperation, BaseSchema
 
 from tests.support import ROOT, RouterProcess
+from tests.router.fuzz_router import LABEL, MODEL, SERVED_VERSION, router, workers_at_start  # noqa: F401 (fixtures)
 
 # Importing schemathesis (its pytest plugin does, at start-up) patches hypothesis
 # once per process, for speed: among others, the printer of falsifying
@@ -52,9 +52,6 @@ SPEC_URL = "/v1/openapi.json"
 POSITIVE_EXAMPLES = 30
 NEGATIVE_EXAMPLES = 15
 
-MODEL = "ctr"
-SERVED_VERSION = 2  # version_policy latest over the fixture's versions 1 and 2
-LABEL = "stable"
 ID_INPUTS = ("user_id", "item_id", "category", "city", "device")
 DENSE_DIM = 20
 # The demo model's signatures: input -> the shape of one example (ids are int64 scalars).
@@ -85,28 +82,6 @@ EXPECTED_OPERATIONS = sorted(
        for suffix in ("", "/metadata")]
     + [("GET", path) for path in ("/healthz", "/readyz", "/metrics", "/monitoring/prometheus/metrics", SPEC_URL)]
 )
-
-
-@pytest.fixture(scope="module")
-def router(model_root: Path, logs_dir: Path) -> Iterator[RouterProcess]:
-    config = {
-        "models": [{"name": MODEL, "base_path": str(model_root / MODEL), "version_labels": {LABEL: SERVED_VERSION}}],
-        "workers": {"count": 1},
-    }
-    r = RouterProcess(config, log_dir=logs_dir)
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        assert r.terminate() == 0, r.log()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def workers_at_start(router: RouterProcess) -> list[int]:
-    """The worker processes as the first test found them: none may die or restart under the fuzzing."""
-    pids = router.worker_pids()
-    assert pids, router.log()
-    return pids
 
 
 def _served(router: RouterProcess) -> tuple[bool, bytes, dict[str, str]]:
