@@ -1,69 +1,53 @@
-"""The latency spike of a hot model update, under open-loop load.
+"""The latency spike of a hot model update, in paired rounds under open-loop load.
 
-    python -m loadtest.bench_rollout [--seconds 10] [--rate R] [--scenarios staged,in_place,staged+jemalloc,staged+overlap]
-                                     [--model-dir DIR] [--vocab 940000] [--keep-going]
+    python -m loadtest.bench_rollout [--rounds 3] [--seconds 30] [--load 0.5 | --rate R]
+                                     [--scenario staged|in_place|staged+jemalloc|staged+overlap]
+                                     [--model-dir DIR] [--vocab 940000] [--set KEY=VALUE ...]
 
-Three scenarios, side by side, each on a fresh router (2 spawned workers,
-``poll_interval_s: 0.5``, batching at its defaults) serving a ~300 MB CTR
-model (``workers.demo_model`` with 5 embedding tables of ``--vocab`` x 16
-float32; versions 1 and 2 are built once into ``--model-dir``, default
-``models/ctr-large``, and reused):
+One router (2 spawned workers, ``poll_interval_s: 0.5``, batching at its
+defaults) serves a ~300 MB CTR model (``workers.demo_model``, 5 embedding
+tables of ``--vocab`` x 16 float32; versions 1 .. rounds+1 are built once
+into ``--model-dir``, default ``models/ctr-large``, and reused).  Open-loop
+gRPC load (``loadtest.openloop``: batch-1 Predicts with the project's
+wire-compatible messages under the official method path, sent on a fixed
+schedule, never waiting for earlier answers; latency counted from each
+request's *scheduled* time, so a stall shows in full) runs without a break
+for the whole session, at ``--load`` (default 0.5) of the pool's capacity,
+measured first (closed loop, c=64, against the same config), or ``--rate``.
 
-1. ``staged``: ``rollout.strategy: staged`` (the default, in its default
-   ``swap`` mode): drain -> unload old -> load new -> warm -> rejoin, one
-   worker at a time, one pool-wide switch;
-2. ``in_place``: ``rollout.strategy: in_place``: the old update, workers
-   load the new version while serving;
-3. ``staged+jemalloc``: staged, with ``workers.allocator: jemalloc``;
-4. ``staged+overlap``: staged in ``rollout.mode: overlap`` (every worker
-   holds both versions until the switch).
+After a few seconds of warm-up, each round is two runs of ``--seconds``
+each, back to back under the same load:
 
-Besides latency it samples the workers' memory (RSS of every worker
-process, surge workers included) to show what holding two versions costs.
+* **control**: nothing changes;
+* **update**: ``--appear-at`` seconds in, the next version (v2, then v3,
+  v4 ...) is renamed into the base path; the rollout must finish inside the
+  run (the run fails otherwise).
 
-First the pool's capacity is measured once: closed-loop gRPC at concurrency
-64 against a router with scenario 1's config; the load rate ``R`` is half
-of it (``--rate`` sets it instead).  Then, per scenario: version 1 is
-copied into a fresh temporary base path (and version 2 beside it, under a
-name the router ignores), the router started and waited for, and open-loop
-gRPC load (``loadtest.openloop``: batch-1 Predicts with the official client,
-sent on a fixed schedule at ``R`` req/s, never waiting for earlier answers;
-latency counted from each request's *scheduled* time, so a stall shows in
-full) runs for ``--seconds`` of steady state.  Then version 2 is renamed
-into the base path (the moment "the version appears"); the load goes on
-until the rollout has finished (old version unloaded) and 3 s more.
+then ``--settle`` seconds of load that no run measures, so that what an
+update leaves behind does not land in the next control run.  Both runs of a
+round are measured over their whole length, so their percentiles compare
+like with like; the rollout's watch (admin API and REST model status,
+polled every 0.1 s) polls through control runs too.  The figures: the median
+over rounds of each run's p999 (and p99), updating against control.  On
+these machines the p999 of two quiet 20 s windows can differ several times,
+which is why a single pair proves nothing and the medians are the figure.
 
-When the rollout is finished (``loadtest.rollout_watch``): from the
-router's admin API (``GET /v1/admin/status``, at the URL the router prints
-on its ``admin:`` line: the history entry whose ``to`` holds ctr 2 in state
-done / rolled_back / failed; its events shade the plot), or, where the
-router has no admin API or reports no rollout for the update, from its REST
-model status (``GET /v1/models/ctr``: version 1 END, version 2 AVAILABLE;
-polled every 0.1 s).  The output says which signal was used.
-``TFS_ROUTER_ADMIN_TOKEN``, when set, is passed to the router (inherited)
-and sent as a bearer token.
+Where the excess goes (``loadtest.rollout_phases``): each update run is cut
+at the rollout's events (from the admin API) into segments (A drain, A
+unload, A load, A warm, switch, B drain ...; A is the worker converted
+first), and for each segment the report shows its requests' excess latency
+(ms above the round's control p99, summed) and how many exceeded the
+control p999, beside the CPU every process used in it (``loadtest.proctrace``:
+per thread, from ``/proc``), against what the same process used in the
+control run, and how long the serving worker's and the router's event-loop
+threads waited for a CPU.
 
-Windows (by scheduled send time): steady = the last 80% of the steady phase
-(8 s of the default 10) before the version appears; during = from its
-appearance until the old version is unloaded; after = the 3 s after that
-(shown, so that effects outlasting the end signal are not lost).  Latency
-percentiles cover every answered request, errors at their answer time;
-every answer is checked (status OK, a ``probability`` of one row, version 1
-or 2).
-
-Prints progress on stderr; on stdout the scenarios' configs, a results table
-(steady and during p50/p99/p999, max, errors by status code, requests sent,
-the during window's length, ratio = during p999 / steady p999), the client's
-lateness (how far behind its schedule it sent: when it could not keep up,
-the numbers are void and the output says so), when version 2 took over,
-the path of a PNG (``loadtest/results/rollout-<timestamp>.png``, drawn by
-``loadtest.rollout_plot``: each request's latency against its scheduled
-time, rollout phases shaded; every request's times and status beside it in
-``rollout-<timestamp>.npz``), and as its last line the ratios.  Exits 1 if a scenario failed or any request did.
-
-``--drop-key rollout --drop-key admin`` runs against a router whose config
-loader does not know those keys yet (the scenario labels then only say what
-was asked for, and the last line says which keys were dropped).
+Prints progress on stderr; on stdout the config, a table per round, the
+segment table, the client's lateness, the path of a PNG
+(``loadtest/results/rollout-<timestamp>.png``: every run, latency against
+time, the rollout's phases shaded) and of the data (``.npz``: every request,
+the rollout entries, the segment rows), and as its last line the figure.
+Exits 1 if a run failed or any request did.
 """
 
 from __future__ import annotations
@@ -73,8 +57,10 @@ import asyncio
 import copy
 import gc
 import itertools
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,22 +78,21 @@ from loadtest.common import (
     RouterProcess,
     child_env,
     closed_loop,
-    cpu_seconds,
     error_text,
     print_table,
     progress,
     run_async,
 )
-from loadtest.openloop import LatencyStats, OpenLoop, OpenLoopResult, codes_text, fmt_ms
+from loadtest.openloop import UNANSWERED, LatencyStats, OpenLoop, OpenLoopResult, codes_text, fmt_ms
+from loadtest.proctrace import ProcTrace
+from loadtest.rollout_phases import SegmentRow, attribute, combine, machine_text, roles_text, segments
 from loadtest.rollout_plot import fmt_ratio, plot
 from loadtest.rollout_watch import RolloutWatch
 
 MODEL_NAME = "ctr"
 DEFAULT_VOCAB = 940_000  # 5 tables x vocab x 16 float32 = ~300 MB
 WORKERS = 2
-# The config of every scenario, then each scenario's own keys on top (merged
-# deeply).  Keys the router's config loader does not know yet can be left out
-# with --drop-key; adjust here when the control plane's keys change.
+# The config of every scenario, then the scenario's own keys on top (merged deeply).
 BASE_CONFIG: dict[str, Any] = {
     "workers": {"count": WORKERS},
     "poll_interval_s": 0.5,
@@ -119,22 +104,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "staged+jemalloc": {"rollout": {"strategy": "staged"}, "workers": {"allocator": "jemalloc"}},
     "staged+overlap": {"rollout": {"strategy": "staged", "mode": "overlap"}},
 }
-CAPACITY_SCENARIO = "staged"  # the router whose closed-loop capacity sets the rate
 CAPACITY_CONCURRENCY = 64
-TARGET_SCENARIO = "staged"
-TARGET_RATIO = 1.25  # staged: during p999 / steady p999, at most
-STEADY_FRACTION = 0.8  # of the steady phase measured (the start is warm-up)
-AFTER_S = 3.0  # load kept on after the rollout finished
+TARGET_P999 = 1.25  # median updating p999 / median control p999, at most
+TARGET_P99 = 1.10
+WARM_S = 5.0  # load before the first run
 REQUEST_DEADLINE_S = 30.0
 ROUTER_READY_TIMEOUT_S = 600.0
+WATCH_POLL_S = 0.1
 BUSY_LOAD_AVERAGE = 0.5  # before the run: something else is using the machine
-BUSY_OTHERS_CORES = 0.2  # cores used by other processes in a window: its numbers are noisy
+BUSY_OTHERS_CORES = 0.2  # cores used by other processes in a run: its numbers are noisy
 RESULTS_DIR = ROOT / "loadtest" / "results"
-# The client's own delays against the latencies of a window: void beyond half the p99 (besides
-# LatenessStats.saturated); worth a note beyond a quarter of the p999 and a few timer ticks.
-CLIENT_VOID_SHARE = 0.5
-CLIENT_SHARE_WARN = 0.25
-CLIENT_NOTE_MIN_S = 0.005
+CLIENT_VOID_SHARE = 0.5  # the client's own p99 delay beyond this share of the latency p99: void
 # The dense layers of the demo model, to tell a model dir's vocab from its size:
 # kernels 100x256, 256x128, 128x1 and their biases, float32.
 _DENSE_BYTES = 4 * (100 * 256 + 256 + 256 * 128 + 128 + 128 + 1)
@@ -157,22 +137,20 @@ def built_vocab(version_dir: Path) -> int:
     return round((variables_bytes(version_dir) - _DENSE_BYTES) / _TABLE_ROW_BYTES)
 
 
-def ensure_model(model_dir: Path, vocab: int) -> None:
-    """Versions 1 and 2 of the demo CTR model with ``vocab`` rows per table under ``model_dir``.
+def ensure_model(model_dir: Path, vocab: int, versions: Sequence[int]) -> None:
+    """``versions`` of the demo CTR model with ``vocab`` rows per table under ``model_dir``.
 
     Builds a missing version with ``python -m workers.demo_model`` (a few
     seconds each at ~300 MB; a heartbeat on stderr meanwhile).  An existing
     version built with another vocab is an error, not silently reused.
     """
-    for version in (1, 2):
+    for version in versions:
         version_dir = model_dir / str(version)
         if (version_dir / "saved_model.pb").is_file():
             found = built_vocab(version_dir)
             if abs(found - vocab) > 0.01 * vocab + 100:
                 raise SystemExit(f"{version_dir} holds a model of vocab ~{found:,}, not {vocab:,}: "
                                  f"pass another --model-dir, or remove it to rebuild")
-            progress(f"model v{version}: {version_dir} ({variables_bytes(version_dir) / 1e6:,.0f} MB, "
-                     f"vocab {found:,}), reused")
             continue
         size_mb = (vocab * _TABLE_ROW_BYTES + _DENSE_BYTES) / 1e6
         progress(f"building model v{version} (vocab {vocab:,}, ~{size_mb:,.0f} MB) into {version_dir} ...")
@@ -193,6 +171,8 @@ def ensure_model(model_dir: Path, vocab: int) -> None:
             raise SystemExit(f"building v{version} failed (exit {proc.returncode}):\n{output[-3000:]}")
         progress(f"  built v{version} in {time.monotonic() - started:.1f}s "
                  f"({variables_bytes(version_dir) / 1e6:,.0f} MB)")
+    sizes = {variables_bytes(model_dir / str(v)) / 1e6 for v in versions}
+    progress(f"model versions {list(versions)} in {model_dir} ({max(sizes):,.0f} MB each)")
 
 
 # -- configs -----------------------------------------------------------------------
@@ -209,31 +189,27 @@ def merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def dropped(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """``config`` without the dotted ``keys`` (``admin``, ``workers.allocator``); empty sections go too."""
-    out = copy.deepcopy(dict(config))
-    for key in keys:
-        *parents, last = key.split(".")
-        node: Any = out
-        trail = []
-        for part in parents:
-            if not isinstance(node, dict) or part not in node:
-                node = None
-                break
-            trail.append((node, part))
-            node = node[part]
-        if isinstance(node, dict):
-            node.pop(last, None)
-            for parent, part in reversed(trail):
-                if parent[part] == {}:
-                    del parent[part]
+def setting(text: str) -> dict[str, Any]:
+    """``rollout.mode=overlap`` -> ``{"rollout": {"mode": "overlap"}}`` (the value read as YAML)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (dotted key), got {text!r}")
+    out: dict[str, Any] = {}
+    node = out
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(value)
     return out
 
 
-def scenario_config(name: str, base_path: Path, drop: Sequence[str]) -> dict[str, Any]:
+def scenario_config(name: str, base_path: Path, extra: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     config = merged(BASE_CONFIG, SCENARIOS[name])
-    config = {"models": [{"name": MODEL_NAME, "base_path": str(base_path)}], **config}
-    return dropped(config, drop)
+    for more in extra:
+        config = merged(config, more)
+    return {"models": [{"name": MODEL_NAME, "base_path": str(base_path)}], **config}
 
 
 def config_text(config: Mapping[str, Any]) -> str:
@@ -244,16 +220,18 @@ def config_text(config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(shown, default_flow_style=True, sort_keys=False, width=10_000).strip()
 
 
-def make_base_path(model_dir: Path) -> Path:
-    """A fresh base path holding version 1, and version 2 beside it under a name the router ignores."""
+def staging_dir(base: Path, version: int) -> Path:
+    return base / f".{version}.staging"  # not an integer: no version until renamed
+
+
+def make_base_path(model_dir: Path, versions: Sequence[int]) -> Path:
+    """A fresh base path holding the first version, and the others beside it under names the router ignores."""
     base = Path(tempfile.mkdtemp(prefix="tfs-rollout-"))
-    shutil.copytree(model_dir / "1", base / "1")
-    shutil.copytree(model_dir / "2", staging_dir(base))
+    first, *rest = versions
+    shutil.copytree(model_dir / str(first), base / str(first))
+    for version in rest:
+        shutil.copytree(model_dir / str(version), staging_dir(base, version))
     return base
-
-
-def staging_dir(base: Path) -> Path:
-    return base / ".2.staging"  # not an integer: no version until renamed
 
 
 def start_router(config: Mapping[str, Any], label: str) -> RouterProcess:
@@ -315,8 +293,9 @@ def predict_stub(channel: Any) -> Any:
     return Stub()
 
 
-def predict_caller(stub: Any, feed: Any) -> Any:
+def predict_caller(stub: Any, feed: Any, versions: Sequence[int]) -> Any:
     """An async ``call()`` doing one checked Predict; returns the version that answered."""
+    known = frozenset(versions)
 
     async def call() -> int:
         resp = await stub.Predict(next(feed), timeout=REQUEST_DEADLINE_S)
@@ -324,9 +303,9 @@ def predict_caller(stub: Any, feed: Any) -> Any:
         if "probability" not in resp.outputs:
             raise WrongAnswer(f"outputs {sorted(resp.outputs)} lack probability")
         dims = [d.size for d in resp.outputs["probability"].tensor_shape.dim]
-        if dims != [1] or version not in (1, 2):
+        if dims != [1] or version not in known:
             raise WrongAnswer(f"probability shape {dims}, version {version}")
-        return version
+        return int(version)
 
     return call
 
@@ -338,8 +317,7 @@ async def measure_capacity(address: str, seconds: float) -> float:
     import grpc
 
     async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-        stub = predict_stub(channel)
-        call = predict_caller(stub, request_feed())
+        call = predict_caller(predict_stub(channel), request_feed(), [1])
         await call()
         result = await closed_loop(call, concurrency=CAPACITY_CONCURRENCY, seconds=seconds, warmup=1.0,
                                    label="capacity")
@@ -352,104 +330,58 @@ async def measure_capacity(address: str, seconds: float) -> float:
     return result.rate
 
 
-def capacity(model_dir: Path, drop: Sequence[str], seconds: float) -> float:
-    base = make_base_path(model_dir)
-    router = None
-    try:
-        router = start_router(scenario_config(CAPACITY_SCENARIO, base, drop), "capacity")
-        progress(f"[capacity] closed loop c={CAPACITY_CONCURRENCY}, 1s warm-up + {seconds:g}s ...")
-        return run_async(measure_capacity(router.grpc_address, seconds))
-    finally:
-        if router is not None:
-            progress(f"[capacity] {router.stop()}")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-# -- one scenario ------------------------------------------------------------------
+# -- the session -------------------------------------------------------------------
 
 
 @dataclass
-class Outcome:
-    """What one scenario measured (times: ``appeared_*`` on both clocks, the rest relative to it)."""
+class Run:
+    """One measured run: ``start`` and ``end`` on the load's clock (``perf_counter``)."""
 
-    name: str
-    config: dict[str, Any]
-    load: OpenLoopResult[int] | None = None
-    appeared: float = 0.0  # perf_counter when version 2 was renamed in
-    appeared_wall: float = 0.0
-    during_s: float = float("nan")  # appearance -> old version unloaded
+    round: int
+    kind: str  # "control" or "update"
+    start: float
+    end: float = float("nan")
+    old: int = 0  # the version served before (update runs) / throughout (control runs)
+    new: int = 0
+    appeared: float = float("nan")  # when the new version was renamed in (load clock)
+    finished: float = float("nan")  # when the rollout ended (load clock)
     signal: str = ""
-    rollout: dict[str, Any] | None = None  # the admin API's entry for the update, if any
-    steady_s: float = 0.0  # length of the steady window
-    error: str = ""  # why the scenario failed, if it did
-    cpu: dict[str, tuple[float, float]] = field(default_factory=dict)  # window -> (our cores, others' cores)
-    # (perf_counter, summed RSS of the router's worker processes, largest single worker's RSS), bytes
-    rss: list[tuple[float, int, int]] = field(default_factory=list)
-
-    def rss_in(self, start: float, end: float) -> tuple[float, float, float]:
-        """(workers' total RSS at the window's start, peak total, peak single worker) in MB."""
-        inside = [r for r in self.rss if start <= r[0] - self.appeared <= end]
-        if not inside:
-            return float("nan"), float("nan"), float("nan")
-        return inside[0][1] / 2**20, max(r[1] for r in inside) / 2**20, max(r[2] for r in inside) / 2**20
+    rollout: dict[str, Any] | None = None
+    error: str = ""
+    cpu_others: float = float("nan")  # cores used by processes outside this benchmark
 
     @property
-    def ok(self) -> bool:
-        return not self.error and self.load is not None
-
-    def _load(self) -> OpenLoopResult[int]:
-        if self.load is None:
-            raise ValueError(f"scenario {self.name} produced no load")
-        return self.load
-
-    def steady_mask(self) -> Any:
-        """Requests scheduled in the last ``steady_s`` before the version appeared."""
-        return self._load().window(self.appeared - self.steady_s, self.appeared)
-
-    def during_mask(self) -> Any:
-        """Requests scheduled from the appearance until the old version was unloaded."""
-        return self._load().window(self.appeared, self.appeared + self.during_s)
-
-    def after_mask(self) -> Any:
-        """Requests scheduled after the end signal (the ``AFTER_S`` of load kept on)."""
-        return self._load().window(self.appeared + self.during_s)
-
-    def steady_stats(self) -> LatencyStats:
-        return self._load().latency_stats(self.steady_mask())
-
-    def during_stats(self) -> LatencyStats:
-        return self._load().latency_stats(self.during_mask())
-
-    def after_stats(self) -> LatencyStats:
-        return self._load().latency_stats(self.after_mask())
-
-    def ratio(self) -> float:
-        """during p999 / steady p999 (NaN without load)."""
-        if not self.ok:
-            return float("nan")
-        steady = self.steady_stats().p999
-        return self.during_stats().p999 / steady if steady > 0 else float("nan")
-
-    def errors(self) -> int:
-        return self._load().latency_stats().errors if self.ok else 0
-
-    def client_void(self) -> bool:
-        """The client could not keep its schedule in the steady or during window, or its own delays
-        make up much of the tail there: those latencies are the client's, not the router's."""
-        if not self.ok:
-            return False
-        load = self._load()
-        for mask in (self.steady_mask(), self.during_mask()):
-            late, lat = load.lateness_stats(mask), load.latency_stats(mask)
-            if late.saturated or late.p99 > CLIENT_VOID_SHARE * lat.p99:
-                return True
-        return False
-
-    def rollout_state(self) -> str:
-        return str((self.rollout or {}).get("state") or "")
+    def label(self) -> str:
+        return f"round {self.round} {self.kind}" + (f" v{self.old}->v{self.new}" if self.kind == "update" else "")
 
 
-# -- CPU: ours and everybody else's ---------------------------------------------------
+@dataclass
+class Session:
+    scenario: str
+    config: dict[str, Any]
+    rate: float
+    rate_note: str
+    seconds: float
+    load: OpenLoopResult[int] | None = None
+    runs: list[Run] = field(default_factory=list)
+    trace: ProcTrace | None = None
+    pids: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+    drain_s: float = 0.0  # --drain-only: update runs drain a worker this long instead of updating
+
+    def stats(self, run: Run, load: OpenLoopResult[int] | None = None) -> LatencyStats:
+        load = load or self.load
+        assert load is not None
+        return load.latency_stats(load.window(run.start, run.end))
+
+    def pairs(self) -> list[tuple[Run, Run]]:
+        """(control, update) of every round whose runs both completed."""
+        by_round: dict[int, dict[str, Run]] = {}
+        for run in self.runs:
+            by_round.setdefault(run.round, {})[run.kind] = run
+        return [(r["control"], r["update"]) for _, r in sorted(by_round.items())
+                if "control" in r and "update" in r and not r["control"].error and not r["update"].error
+                and r["update"].end == r["update"].end]
 
 
 def machine_busy_s() -> float:
@@ -460,304 +392,338 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-class CpuMeter:
-    """Cores used between samples by this run's processes (client, router, workers) and by all others.
+def others_cores(trace: ProcTrace, t0: float, t1: float, busy0: float, busy1: float) -> float:
+    """Cores used between t0 and t1 by processes the trace does not follow."""
+    ours = sum(u.cpu_s for u in trace.between(t0, t1).values())
+    return max(0.0, (busy1 - busy0 - ours) / (t1 - t0))
 
-    Other processes on the machine (a test suite, a build) steal the CPUs
-    the router and its workers share; their share says how far the tails
-    can be trusted.
-    """
 
-    def __init__(self, pids: Sequence[int | None]) -> None:
-        self.pids = list(pids)
-        self.samples: list[tuple[float, float, float]] = []  # (monotonic, machine busy s, ours s)
+async def watch_nothing(session_http: Any, router: RouterProcess, admin_url: str | None, seconds: float) -> None:
+    """A control run's polls: the same two endpoints an update run's watch polls, as often."""
+    from loadtest.rollout_watch import admin_headers
 
-    def _ours(self) -> float:
-        total = 0.0
-        for pid in self.pids:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        urls = [(f"{router.rest_url}/v1/models/{MODEL_NAME}", {})]
+        if admin_url is not None:
+            urls.append((admin_url, admin_headers()))
+        for url, headers in urls:
             try:
-                total += cpu_seconds(pid)
-            except (OSError, ValueError, IndexError):
-                pass  # a process gone (a worker restarted): its share counts as others'
-        return total
-
-    def sample(self) -> None:
-        self.samples.append((time.monotonic(), machine_busy_s(), self._ours()))
-
-    def cores(self, i: int, j: int) -> tuple[float, float]:
-        """``(ours, others)``: cores used between samples ``i`` and ``j``."""
-        (t0, busy0, ours0), (t1, busy1, ours1) = self.samples[i], self.samples[j]
-        wall = t1 - t0
-        if wall <= 0:
-            return float("nan"), float("nan")
-        ours = (ours1 - ours0) / wall
-        return ours, max(0.0, (busy1 - busy0) / wall - ours)
+                async with session_http.get(url, headers=headers) as resp:
+                    await resp.read()
+            except Exception:  # noqa: BLE001 - only the load matters here
+                pass
+        await asyncio.sleep(WATCH_POLL_S)
 
 
-async def run_load(out: Outcome, router: RouterProcess, admin_url: str | None, base: Path, rate: float,
-                   seconds: float, rollout_timeout: float) -> None:
+async def drive(s: Session, router: RouterProcess, admin_url: str | None, base: Path, versions: Sequence[int],
+                appear_at: float, settle: float, rollout_timeout: float) -> None:
     import aiohttp
     import grpc
 
-    label = out.name
     async with grpc.aio.insecure_channel(router.grpc_address, options=GRPC_OPTIONS) as channel, \
-            aiohttp.ClientSession() as session:
-        stub = predict_stub(channel)
-        call = predict_caller(stub, request_feed())
+            aiohttp.ClientSession() as http:
+        call = predict_caller(predict_stub(channel), request_feed(), versions)
         first = await call()
-        if first != 1:
-            raise RuntimeError(f"the router answered with version {first} before the update, expected 1")
-        loop = OpenLoop(call, rate)
+        if first != versions[0]:
+            raise RuntimeError(f"the router answered with version {first} before any update, "
+                               f"expected {versions[0]}")
+        loop = OpenLoop(call, s.rate)
         stop = asyncio.Event()
-        meter = CpuMeter([None, router.pid, *router.worker_pids()])
-        rss_task = asyncio.create_task(sample_rss(out, router.pid))
-        progress(f"[{label}] steady open-loop load at {rate:,.0f} req/s for {seconds:g}s ...")
+        clock = loop.clock
+        progress(f"[{s.scenario}] open-loop load at {s.rate:,.0f} req/s: {WARM_S:g}s warm-up, then "
+                 f"{len(versions) - 1} rounds of control + update runs of {s.seconds:g}s")
         load_task = asyncio.create_task(loop.run(stop=stop, drain_timeout=REQUEST_DEADLINE_S + 5))
         try:
-            await asyncio.sleep(seconds - out.steady_s)
-            meter.sample()
-            await asyncio.sleep(out.steady_s)
-            if load_task.done():
-                load_task.result()
-            os.rename(staging_dir(base), base / "2")
-            out.appeared = time.perf_counter()
-            out.appeared_wall = time.time()
-            meter.sample()
-            out.cpu["steady"] = meter.cores(0, 1)
-            progress(f"[{label}] version 2 appeared (sent {loop.sent_count:,}, in flight {loop.inflight})")
-            watch = RolloutWatch(session, admin_url, router.rest_url, model=MODEL_NAME, old=1, new=2,
-                                 label=label, appeared=out.appeared_wall)
-            try:
-                end_wall, out.signal = await watch.wait_finished(rollout_timeout)
-            finally:
-                out.rollout = watch.entry
-            meter.sample()
-            out.cpu["during"] = meter.cores(1, 2)
-            out.during_s = end_wall - out.appeared_wall
-            state = f", rollout {watch.entry.get('state')}" if watch.entry else ""
-            if watch.entry and watch.entry.get("error"):
-                state += f" ({watch.entry['error']})"
-            progress(f"[{label}] rollout finished {out.during_s:.2f}s after the version appeared "
-                     f"(signal: {out.signal}{state}); {AFTER_S:g}s more load ...")
-            await asyncio.sleep(AFTER_S)
-            if admin_url is not None and watch.admin_ok:
-                await watch.poll_admin()  # the complete event list
-                out.rollout = watch.entry
+            await asyncio.sleep(WARM_S)
+            for i, (old, new) in enumerate(zip(versions, versions[1:]), start=1):
+                for kind in ("control", "update"):
+                    if load_task.done():
+                        load_task.result()
+                    if s.drain_s:  # nothing changes version
+                        old = new = versions[0]
+                    run = Run(round=i, kind=kind, start=clock(), old=old, new=new if kind == "update" else old)
+                    s.runs.append(run)
+                    busy0 = machine_busy_s()
+                    try:
+                        if kind == "control":
+                            await watch_nothing(http, router, admin_url, s.seconds)
+                        else:
+                            await update_run(s, run, http, router, admin_url, base, appear_at, rollout_timeout,
+                                             clock)
+                    except Exception as exc:  # noqa: BLE001 - reported per run
+                        run.error = error_text(exc)
+                        progress(f"[{run.label}] FAILED: {run.error}")
+                    await asyncio.sleep(max(0.0, run.start + s.seconds - clock()))
+                    run.end = run.start + s.seconds
+                    if s.trace is not None:
+                        run.cpu_others = others_cores(s.trace, run.start, run.end, busy0, machine_busy_s())
+                    stats = s.stats(run, loop.partial())
+                    progress(f"[{run.label}] p50 {fmt_ms(stats.p50)} p99 {fmt_ms(stats.p99)} p999 "
+                             f"{fmt_ms(stats.p999)} max {fmt_ms(stats.max)} ms, {stats.requests:,} requests, "
+                             f"errors {codes_text({c: n for c, n in stats.error_codes().items() if c != UNANSWERED})}")
+                    if run.error:
+                        raise RuntimeError(f"{run.label}: {run.error}")
+                await asyncio.sleep(settle)
         finally:
             stop.set()
-            rss_task.cancel()
-            out.load = await load_task
-        progress(f"[{label}] done: {len(out.load):,} requests sent, {out.load.latency_stats().errors} errors, "
-                 f"at most {out.load.max_inflight} in flight")
+            s.load = await load_task
+        progress(f"[{s.scenario}] load done: {len(s.load):,} requests sent, {s.load.latency_stats().errors} errors, "
+                 f"at most {s.load.max_inflight} in flight")
 
 
-async def sample_rss(out: Outcome, router_pid: int, interval: float = 0.05) -> None:
-    """The workers' resident memory over time (surge workers included: children are re-listed each time)."""
-    import psutil
+async def drain_run(s: Session, run: Run, http: Any, router: RouterProcess, admin_url: str | None,
+                    appear_at: float, clock: Any) -> None:
+    """The disturbance without an update: worker w0 out of rotation for ``s.drain_s`` (the pool one short)."""
+    from loadtest.rollout_watch import admin_headers
 
-    router = psutil.Process(router_pid)
-    while True:
-        sizes = []
-        for child in router.children(recursive=True):
-            try:
-                if "workers" in " ".join(child.cmdline()):
-                    sizes.append(child.memory_info().rss)
-            except psutil.Error:
-                continue  # exited while we looked
-        if sizes:
-            out.rss.append((time.perf_counter(), sum(sizes), max(sizes)))
-        await asyncio.sleep(interval)
+    if admin_url is None:
+        raise RuntimeError("--drain-only needs the router's admin API")
+    base_url = admin_url.rsplit("/v1/admin/", 1)[0]
+
+    async def post(action: str) -> None:
+        async with http.post(f"{base_url}/v1/admin/workers/w0/{action}", headers=admin_headers()) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"{action} w0: HTTP {resp.status} {(await resp.read())[:200]!r}")
+
+    await watch_nothing(http, router, admin_url, appear_at)
+    run.appeared = clock()
+    await post("drain")
+    drained = time.time()
+    await watch_nothing(http, router, admin_url, s.drain_s)
+    await post("undrain")
+    run.finished = clock()
+    run.signal = "drain only"
+    run.rollout = {"events": [{"time": drained, "worker": "w0", "phase": "drained", "message": ""},
+                              {"time": time.time(), "worker": "w0", "phase": "join", "message": ""},
+                              {"time": time.time(), "worker": None, "phase": "done", "message": ""}]}
+    progress(f"[{run.label}] w0 drained for {run.finished - run.appeared:.2f}s")
 
 
-def run_scenario(name: str, model_dir: Path, drop: Sequence[str], rate: float, seconds: float,
-                 rollout_timeout: float) -> Outcome:
-    base = make_base_path(model_dir)
-    config = scenario_config(name, base, drop)
-    out = Outcome(name=name, config=config, steady_s=seconds * STEADY_FRACTION)
+async def update_run(s: Session, run: Run, http: Any, router: RouterProcess, admin_url: str | None, base: Path,
+                     appear_at: float, rollout_timeout: float, clock: Any) -> None:
+    if s.drain_s:
+        await drain_run(s, run, http, router, admin_url, appear_at, clock)
+        return
+    await watch_nothing(http, router, admin_url, appear_at)
+    os.rename(staging_dir(base, run.new), base / str(run.new))
+    run.appeared = clock()
+    appeared_wall = time.time()
+    progress(f"[{run.label}] version {run.new} appeared {run.appeared - run.start:.1f}s into the run")
+    watch = RolloutWatch(http, admin_url, router.rest_url, model=MODEL_NAME, old=run.old, new=run.new,
+                         label=run.label, appeared=appeared_wall, poll_s=WATCH_POLL_S)
+    try:
+        end_wall, run.signal = await watch.wait_finished(rollout_timeout)
+    finally:
+        run.rollout = watch.entry
+    run.finished = run.appeared + (end_wall - appeared_wall)
+    if admin_url is not None and watch.admin_ok:
+        await watch.poll_admin()  # the complete event list
+        run.rollout = watch.entry
+    state = (run.rollout or {}).get("state")
+    progress(f"[{run.label}] rollout finished {run.finished - run.appeared:.2f}s after the version appeared "
+             f"(signal: {run.signal}{f', rollout {state}' if state else ''})")
+    if state not in (None, "done"):
+        raise RuntimeError(f"rollout {state}: {(run.rollout or {}).get('error')}")
+    if run.finished > run.start + s.seconds - 1.0:
+        raise RuntimeError(f"the rollout outlasted the run (finished {run.finished - run.start:.1f}s into a "
+                           f"{s.seconds:g}s run): use a longer --seconds")
+
+
+def run_session(s: Session, model_dir: Path, versions: Sequence[int], appear_at: float, settle: float,
+                rollout_timeout: float) -> None:
+    base = make_base_path(model_dir, versions)
+    s.config["models"][0]["base_path"] = str(base)
     router = None
     try:
-        router = start_router(config, name)
+        router = start_router(s.config, s.scenario)
         admin_url = router.admin_url()
-        progress(f"[{name}] admin API: {admin_url or 'none printed (REST model status will tell the end)'}")
+        progress(f"[{s.scenario}] admin API: {admin_url or 'none printed (REST model status will tell the end)'}")
+        router_pid = router.pid
+
+        def processes() -> dict[str, int]:
+            found = {"client": os.getpid(), "router": router_pid}
+            for pid in router.worker_pids():
+                name = worker_name(pid)
+                if name:
+                    found[name] = pid
+            return found
+
+        s.pids = processes()
+        s.trace = ProcTrace(processes, interval=0.05, clock=time.perf_counter)
         # The client's own collector must not pause it mid-measurement: what
         # start-up built is frozen, and collection is off while the load runs
-        # (a run's garbage is a few hundred MB at most).
+        # (a session's garbage is a few hundred MB at most).
         gc.collect()
         gc.freeze()
         gc.disable()
+        s.trace.start()
         try:
-            run_async(run_load(out, router, admin_url, base, rate, seconds, rollout_timeout))
+            run_async(drive(s, router, admin_url, base, versions, appear_at, settle, rollout_timeout))
         finally:
+            s.trace.stop()
             gc.enable()
-    except Exception as exc:  # noqa: BLE001 - reported per scenario
-        out.error = error_text(exc)
-        progress(f"[{name}] FAILED: {out.error}")
+    except Exception as exc:  # noqa: BLE001 - reported in the output
+        s.error = error_text(exc)
+        progress(f"[{s.scenario}] FAILED: {s.error}")
         if not isinstance(exc, (TimeoutError, RuntimeError)):
             progress(traceback.format_exc())
     finally:
         if router is not None:
-            progress(f"[{name}] {router.stop()}")
+            progress(f"[{s.scenario}] {router.stop()}")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def worker_name(pid: int) -> str | None:
+    """``w0`` for a worker process listening on ``.../w0.sock`` (from its command line)."""
+    from loadtest.common import process_cmdline
+
+    for arg in process_cmdline(pid):
+        if arg.endswith(".sock"):
+            return Path(arg).stem
+    return None
+
+
+# -- figures -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figures:
+    control_p999: float
+    update_p999: float
+    control_p99: float
+    update_p99: float
+    rounds: int
+
+    @property
+    def p999_ratio(self) -> float:
+        return self.update_p999 / self.control_p999 if self.control_p999 > 0 else float("nan")
+
+    @property
+    def p99_ratio(self) -> float:
+        return self.update_p99 / self.control_p99 if self.control_p99 > 0 else float("nan")
+
+
+def figures(s: Session) -> Figures | None:
+    pairs = s.pairs()
+    if not pairs:
+        return None
+    ctl = [s.stats(c) for c, _ in pairs]
+    upd = [s.stats(u) for _, u in pairs]
+    return Figures(statistics.median(x.p999 for x in ctl), statistics.median(x.p999 for x in upd),
+                   statistics.median(x.p99 for x in ctl), statistics.median(x.p99 for x in upd), len(pairs))
+
+
+def segment_rows(s: Session) -> dict[int, list[SegmentRow]]:
+    """Round -> the attribution rows of its update run."""
+    assert s.load is not None and s.trace is not None
+    out = {}
+    for control, update in s.pairs():
+        segs = segments(update.rollout or {}, update.start, update.end, update.appeared, s.load.wall_offset)
+        out[update.round] = attribute(s.load, segs, s.stats(control), s.trace, control.start, control.end)
     return out
 
 
 # -- report ------------------------------------------------------------------------
 
 
-def report(outcomes: Sequence[Outcome], rate: float, rate_note: str, seconds: float, drop: Sequence[str],
-           plot_path: Path | None, load_average: float) -> str:
+def report(s: Session, load_average: float, plot_path: Path | None, data_path: Path | None) -> str:
     """Prints the tables on stdout; returns the headline (the last line)."""
-    print(f"hot update of model {MODEL_NAME} under open-loop gRPC load: {rate:,.0f} req/s ({rate_note}), "
+    print(f"hot update of model {MODEL_NAME} under open-loop gRPC load: {s.rate:,.0f} req/s ({s.rate_note}), "
           f"batch-1 Predicts; {os.cpu_count()} CPUs (load average {load_average:.2f} before the run), "
-          f"{WORKERS} workers; steady: the last "
-          f"{seconds * STEADY_FRACTION:g}s of {seconds:g}s before version 2 appears; during: from its appearance "
-          f"until version 1 is unloaded; after: the {AFTER_S:g}s of load after that")
-    for out in outcomes:
-        print(f"  {out.name}: {config_text(out.config)}")
-    if drop:
-        print(f"  (config keys dropped for this router: {', '.join(drop)}; the scenario names say what was asked)")
+          f"{WORKERS} workers; paired runs of {s.seconds:g}s, each measured whole")
+    print(f"  {s.scenario}: {config_text(s.config)}")
     rows = []
-    for out in outcomes:
-        if not out.ok:
-            rows.append([out.name, "FAILED", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
-                         out.error[:100]])
+    for run in s.runs:
+        if run.end != run.end:
             continue
-        load = out._load()
-        steady, during, after = out.steady_stats(), out.during_stats(), out.after_stats()
-        rows.append([out.name, out.signal, len(load), fmt_ms(steady.p50), fmt_ms(steady.p99), fmt_ms(steady.p999),
-                     fmt_ms(during.p50), fmt_ms(during.p99), fmt_ms(during.p999),
-                     fmt_ms(load.latency_stats().max), fmt_ms(after.p999), f"{out.during_s:.2f}",
-                     fmt_ratio(out.ratio()), codes_text(load.latency_stats().error_codes())])
-    print_table(["scenario", "end signal", "sent", "steady p50", "p99", "p999", "during p50", "p99", "p999",
-                 "max", "after p999", "during s", "ratio", "errors"], rows)
-    print("(ms from each request's scheduled send time, over all answered requests; max over the whole run; "
-          "ratio = during p999 / steady p999; errors over the whole run, by status code)")
-
-    mem_rows = []
-    for out in outcomes:
-        if not out.ok:
-            continue
-        before, peak, single = out.rss_in(-1.0, out.during_s)
-        mem_rows.append([out.name, f"{before:,.0f}", f"{peak:,.0f}", f"{peak - before:+,.0f}", f"{single:,.0f}"])
-    print("worker memory during the update (RSS of every worker process, surge workers included; MB):")
-    print_table(["scenario", "before", "peak during", "growth", "largest worker"], mem_rows)
-    print("client lateness (ms its sends went out behind schedule; void when in the steady or during window its "
-          "p50 passed 5 ms, its max 500 ms, or its p99 half the latency p99):")
-    late_rows = []
-    for out in outcomes:
-        if not out.ok:
-            continue
-        load = out._load()
-        cells: list[Any] = [out.name]
-        for mask in (out.steady_mask(), out.during_mask(), None):
-            late = load.lateness_stats(mask)
-            cells += [fmt_ms(late.p50), fmt_ms(late.p99), fmt_ms(late.max)]
-        cells += [load.max_inflight, "VOID: behind schedule" if out.client_void() else "kept up"]
-        for window in ("steady", "during"):
-            ours, others = out.cpu.get(window, (float("nan"), float("nan")))
-            cells += [f"{ours:.2f}", f"{others:.2f}"]
-        late_rows.append(cells)
-    print_table(["scenario", "steady p50", "p99", "max", "during p50", "p99", "max", "all p50", "p99", "max",
-                 "max in flight", "client", "steady cores: ours", "others", "during: ours", "others"], late_rows)
-    print("(cores: CPU used in the window by this run's client, router and workers, and by every other process "
-          f"of the machine; others beyond {BUSY_OTHERS_CORES:g} make the tails noise)")
-
-    print("version switch (scheduled send times relative to the appearance, s):")
-    switch_rows = []
-    for out in outcomes:
-        if not out.ok:
-            continue
-        load = out._load()
-        rel = load.scheduled - out.appeared
-        v1 = [t for t, v in zip(rel, load.values) if v == 1]
-        v2 = [t for t, v in zip(rel, load.values) if v == 2]
-        first_v2 = min(v2) if v2 else float("inf")
-        back = sum(1 for t in v1 if t > first_v2)
-        rollout = out.rollout or {}
-        switch_rows.append([out.name, f"{max(v1):+.2f}" if v1 else "-", f"{first_v2:+.2f}" if v2 else "-", back,
-                            str(rollout.get("strategy") or "-"), out.rollout_state() or "-"])
-    print_table(["scenario", "last v1", "first v2", "v1 after first v2", "rollout strategy", "state"],
-                switch_rows)
-
-    for out in outcomes:
-        if out.rollout and out.rollout.get("error"):
-            print(f"  {out.name}: rollout error: {out.rollout['error']}")
-        asked = (out.config.get("rollout") or {}).get("strategy")
-        ran = (out.rollout or {}).get("strategy")
-        if asked and ran and asked != ran:
-            print(f"note: {out.name}: asked for strategy {asked}, the router reports {ran}")
-        if not out.ok:
-            print(f"FAILED {out.name}: {out.error}")
-            continue
-        load = out._load()
-        for message, count in load.errors.most_common(5):
-            print(f"ERROR {out.name}: {count}x {message}")
-        steady, after = out.steady_stats(), out.after_stats()
-        if after.p999 > 2 * steady.p999:
-            print(f"note: {out.name}: p999 after the end signal is {fmt_ratio(after.p999 / steady.p999)} the steady "
-                  f"one: the update's effects outlast the end signal ({out.signal})")
-        for window, mask, lat in (("steady", out.steady_mask(), steady), ("during", out.during_mask(),
-                                                                          out.during_stats())):
-            late = load.lateness_stats(mask)
-            if late.max > max(CLIENT_NOTE_MIN_S, CLIENT_SHARE_WARN * lat.p999) and not out.client_void():
-                print(f"note: {out.name}: the client's own delay reached {fmt_ms(late.max)} ms in the {window} "
-                      f"window, against a p999 latency of {fmt_ms(lat.p999)} ms: part of that tail is the client's")
-        for window, (_, others) in out.cpu.items():
-            if others > BUSY_OTHERS_CORES:
-                print(f"note: {out.name}: other processes used {others:.2f} of {os.cpu_count()} cores in the {window} "
-                      f"window: its tail latencies are theirs too; rerun on a quiet machine")
-        if out.client_void():
-            print(f"VOID {out.name}: the client fell behind its schedule, or its own delays make up much of the "
-                  f"tail: these latencies are not the router's")
+        st = s.stats(run)
+        took = f"{run.finished - run.appeared:.2f}" if run.finished == run.finished else "-"
+        rows.append([run.round, run.kind, f"v{run.old}->v{run.new}" if run.kind == "update" else f"v{run.old}",
+                     f"{st.requests:,}", fmt_ms(st.p50), fmt_ms(st.p99), fmt_ms(st.p999), fmt_ms(st.max), took,
+                     f"{run.cpu_others:.2f}", codes_text(st.error_codes()), run.error[:80] or "ok"])
+    print_table(["round", "run", "versions", "requests", "p50", "p99", "p999", "max", "rollout s",
+                 "others' cores", "errors", "state"], rows)
+    print("(ms from each request's scheduled send time, over the whole run; rollout s: from the version's "
+          f"appearance to the old one unloaded; others' cores: CPU used by processes outside this benchmark, "
+          f"beyond {BUSY_OTHERS_CORES:g} the tails are theirs too)")
+    pairs = s.pairs()
+    ratio_rows = []
+    for control, update in pairs:
+        c, u = s.stats(control), s.stats(update)
+        ratio_rows.append([control.round, f"{fmt_ms(u.p999)} / {fmt_ms(c.p999)}", fmt_ratio(u.p999 / c.p999),
+                           f"{fmt_ms(u.p99)} / {fmt_ms(c.p99)}", fmt_ratio(u.p99 / c.p99)])
+    fig = figures(s)
+    if fig is not None:
+        ratio_rows.append(["median", f"{fmt_ms(fig.update_p999)} / {fmt_ms(fig.control_p999)}",
+                           fmt_ratio(fig.p999_ratio), f"{fmt_ms(fig.update_p99)} / {fmt_ms(fig.control_p99)}",
+                           fmt_ratio(fig.p99_ratio)])
+        print_table(["round", "p999 updating / control (ms)", "ratio", "p99 updating / control (ms)", "ratio"],
+                    ratio_rows)
+    if pairs and s.trace is not None and s.load is not None:
+        by_round = segment_rows(s)
+        print("where the excess goes (update runs cut at the rollout's events, summed over rounds; A: the worker "
+              "converted first, B: second; excess: ms above the round's control p99, summed over requests, "
+              "beside what the control run had of it in as many seconds; share: of the excess beyond that; cores: CPU used in the segment, and its change from the control run; wait: ms per second the "
+              "thread waited for a CPU):")
+        print_table(*combine(list(by_round.values())))
+        print("threads of each process in the longer segments (time-weighted; per thread role: cores on a CPU / "
+              "of them in the kernel / s per s waiting for a CPU; machine: cores idle, in the kernel, stolen):")
+        labels = [row[0] for row in combine(list(by_round.values()))[1] if float(row[1]) >= 0.5]
+        thread_rows = []
+        for label in labels:
+            rows_of = [r for rows in by_round.values() for r in rows if r.label == label]
+            thread_rows.append([label, machine_text(rows_of), *(roles_text(rows_of, p) for p in ("router", "A", "B"))])
+        print_table(["segment", "machine", "router", "A", "B"], thread_rows)
+    if s.load is not None:
+        late = s.load.lateness_stats()
+        lat = s.load.latency_stats()
+        void = late.saturated or late.p99 > CLIENT_VOID_SHARE * lat.p99
+        print(f"client lateness over the session: p50 {fmt_ms(late.p50)} p99 {fmt_ms(late.p99)} max "
+              f"{fmt_ms(late.max)} ms (max {s.load.max_inflight} in flight){' VOID: the client fell behind' if void else ''}")
     if plot_path is not None:
         print(f"plot: {plot_path}")
-
-    parts = []
-    for out in outcomes:
-        if not out.ok:
-            parts.append(f"{out.name} failed")
-            continue
-        notes = [f"{out.errors()} errors"]
-        if out.rollout_state() not in ("", "done"):
-            notes.append(f"rollout {out.rollout_state()}")
-        if out.client_void():
-            notes.append("client behind schedule: void")
-        parts.append(f"{out.name} {fmt_ratio(out.ratio())} ({', '.join(notes)})")
-    suffix = f" [config keys dropped: {', '.join(drop)}]" if drop else ""
-    return (f"rollout p999 during/steady: {', '.join(parts)} "
-            f"[target {TARGET_SCENARIO} <= {TARGET_RATIO:g}x]{suffix}")
+    if data_path is not None:
+        print(f"data: {data_path}")
+    errors = s.load.latency_stats().errors if s.load is not None else 0
+    if fig is None:
+        return f"rollout, paired: no complete round ({s.error or 'every run failed'}) [{s.scenario}]"
+    failed = sum(1 for r in s.runs if r.error)
+    notes = f"{errors} errors" + (f", {failed} runs failed" if failed else "")
+    return (f"rollout {s.scenario}, paired ({fig.rounds} rounds of {s.seconds:g}s runs, {s.rate:,.0f} req/s = "
+            f"{s.rate_note}): p999 updating/control {fmt_ratio(fig.p999_ratio)} (median {fmt_ms(fig.update_p999)} / "
+            f"{fmt_ms(fig.control_p999)} ms), p99 {fmt_ratio(fig.p99_ratio)}, {notes} "
+            f"[target p999 <= {TARGET_P999:g}x, p99 <= {TARGET_P99:g}x]")
 
 
-def save_data(outcomes: Sequence[Outcome], path: Path) -> Path | None:
-    """Every request of every scenario that ran, for a closer look later (``numpy.load``).
+def save_data(s: Session, path: Path) -> Path | None:
+    """Every request of the session and what was measured, for a closer look later (``numpy.load``).
 
-    Arrays ``<scenario>/scheduled|sent|done|version`` (seconds relative to the
-    version's appearance; version 0 for an error), ``<scenario>/code``
-    (strings), and ``meta`` (JSON: windows, end signal, the admin API's
-    rollout entry).
+    Arrays ``scheduled|sent|done|version`` (seconds on the load's clock;
+    version 0 for an error), ``code`` (strings), ``trace/...`` (the CPU
+    trace, ``ProcTrace.dump``), and ``meta`` (JSON: runs with their windows
+    and rollout entries, the segment rows per round).
     """
-    import json
-
     import numpy as np
 
-    arrays: dict[str, Any] = {}
-    meta: dict[str, Any] = {}
-    for out in outcomes:
-        if not out.ok:
-            continue
-        load = out._load()
-        arrays[f"{out.name}/scheduled"] = load.scheduled - out.appeared
-        arrays[f"{out.name}/sent"] = load.sent - out.appeared
-        arrays[f"{out.name}/done"] = load.done - out.appeared
-        arrays[f"{out.name}/version"] = np.array([v or 0 for v in load.values], dtype=np.int32)
-        arrays[f"{out.name}/code"] = np.array(load.codes)
-        meta[out.name] = {"config": out.config, "rate": load.rate, "appeared_wall": out.appeared_wall,
-                          "steady_s": out.steady_s, "during_s": out.during_s, "signal": out.signal,
-                          "rollout": out.rollout, "errors": dict(load.errors)}
-    if not arrays:
+    if s.load is None:
         return None
+    load = s.load
+    rows = segment_rows(s) if s.pairs() and s.trace is not None else {}
+    meta = {
+        "scenario": s.scenario, "config": s.config, "rate": s.rate, "seconds": s.seconds,
+        "wall_offset": load.wall_offset, "pids": s.pids,
+        "runs": [{"round": r.round, "kind": r.kind, "start": r.start, "end": r.end, "old": r.old, "new": r.new,
+                  "appeared": r.appeared, "finished": r.finished, "signal": r.signal, "error": r.error,
+                  "rollout": r.rollout} for r in s.runs],
+        "segments": {str(k): [row.to_json() for row in v] for k, v in rows.items()},
+    }
+    trace = {f"trace/{k}": v for k, v in s.trace.dump().items()} if s.trace is not None else {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, meta=np.array(json.dumps(meta, default=str)), **arrays)
+    np.savez_compressed(path, meta=np.array(json.dumps(meta, default=str)), scheduled=load.scheduled,
+                        sent=load.sent, done=load.done,
+                        version=np.array([v or 0 for v in load.values], dtype=np.int32), code=np.array(load.codes),
+                        **trace)
     return path
 
 
@@ -767,35 +733,54 @@ def save_data(outcomes: Sequence[Outcome], path: Path) -> Path | None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=10.0, help="steady load before the update (default 10)")
-    p.add_argument("--rate", type=float, help="open-loop rate in req/s (default: half the measured capacity)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all, in that order)")
+    p.add_argument("--rounds", type=int, default=3, help="paired rounds, one version each (default 3)")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of every run (default 30)")
+    p.add_argument("--appear-at", type=float, default=5.0,
+                   help="seconds into an update run at which the next version appears (default 5)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="unmeasured seconds of load after each round (default 5)")
+    p.add_argument("--load", type=float, default=0.5, help="fraction of the measured capacity to send (default 0.5)")
+    p.add_argument("--rate", type=float, help="open-loop rate in req/s (instead of --load)")
+    p.add_argument("--scenario", default="staged", choices=sorted(SCENARIOS), help="the router's config (default staged)")
+    p.add_argument("--set", dest="extra", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="one more config key on top of the scenario's (dotted key, YAML value); repeatable")
     p.add_argument("--model-dir", type=Path,
-                   help="where versions 1 and 2 are built and reused (default models/ctr-large; "
+                   help="where the versions are built and reused (default models/ctr-large; "
                         "models/ctr-vocabN for another --vocab)")
     p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
                    help=f"rows per embedding table (default {DEFAULT_VOCAB:,}: ~300 MB)")
-    p.add_argument("--keep-going", action="store_true", help="go on with the next scenario after one fails")
     p.add_argument("--capacity-seconds", type=float, default=4.0, help="measured seconds of the capacity run")
-    p.add_argument("--rollout-timeout", type=float, default=300.0,
-                   help="seconds the rollout may take before the scenario fails (default 300)")
-    p.add_argument("--drop-key", action="append", default=[], metavar="KEY",
-                   help="leave this (dotted) config key out, for a router that does not know it yet "
-                        "(e.g. rollout, admin, workers.allocator); repeatable")
+    p.add_argument("--drain-only", type=float, default=0.0, metavar="SECONDS",
+                   help="instead of an update, take worker w0 out of rotation for SECONDS (the cost of "
+                        "being one worker short, without any conversion)")
+    p.add_argument("--rollout-timeout", type=float, default=120.0,
+                   help="seconds a rollout may take before its run fails (default 120)")
     args = p.parse_args(argv)
-    if args.seconds <= 0:
-        p.error("--seconds must be > 0")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if args.seconds <= 0 or not 0 < args.appear_at < args.seconds:
+        p.error("--seconds must be > 0 and --appear-at inside it")
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be > 0")
+    if not 0 < args.load <= 1.5:
+        p.error("--load must be in (0, 1.5]")
     if args.vocab < 1:
         p.error("--vocab must be >= 1")
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
-    if unknown or not args.scenarios:
-        p.error(f"--scenarios: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SCENARIOS)}")
     args.model_dir = (args.model_dir or default_model_dir(args.vocab)).resolve()
     return args
+
+
+def capacity(model_dir: Path, config: Mapping[str, Any], seconds: float) -> float:
+    base = make_base_path(model_dir, [1])
+    router = None
+    try:
+        router = start_router({**config, "models": [{"name": MODEL_NAME, "base_path": str(base)}]}, "capacity")
+        progress(f"[capacity] closed loop c={CAPACITY_CONCURRENCY}, 1s warm-up + {seconds:g}s ...")
+        return run_async(measure_capacity(router.grpc_address, seconds))
+    finally:
+        if router is not None:
+            progress(f"[capacity] {router.stop()}")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -805,38 +790,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if load_average > BUSY_LOAD_AVERAGE:
         progress(f"note: load average {load_average:.2f} before the run: other processes share these "
                  f"{os.cpu_count()} CPUs, expect noisy tails")
-    ensure_model(args.model_dir, args.vocab)
+    versions = list(range(1, args.rounds + 2))
+    ensure_model(args.model_dir, args.vocab, versions)
+    config = scenario_config(args.scenario, Path("."), args.extra)
     if args.rate is not None:
         rate, rate_note = args.rate, "--rate"
     else:
-        progress(f"measuring capacity against a router with the {CAPACITY_SCENARIO} config ...")
-        cap = capacity(args.model_dir, args.drop_key, args.capacity_seconds)
-        rate, rate_note = cap / 2, f"half the measured capacity of {cap:,.0f} req/s"
+        progress(f"measuring capacity against a router with the {args.scenario} config ...")
+        cap = capacity(args.model_dir, config, args.capacity_seconds)
+        rate, rate_note = cap * args.load, f"{args.load:.0%} of the measured capacity of {cap:,.0f} req/s"
     progress(f"open-loop rate: {rate:,.0f} req/s ({rate_note})")
-    outcomes: list[Outcome] = []
-    for name in args.scenarios:
-        out = run_scenario(name, args.model_dir, args.drop_key, rate, args.seconds, args.rollout_timeout)
-        outcomes.append(out)
-        if not out.ok and not args.keep_going:
-            progress(f"stopping after the failed scenario {name} (--keep-going goes on)")
-            break
+    s = Session(args.scenario, config, rate, rate_note, args.seconds, drain_s=args.drain_only)
+    run_session(s, args.model_dir, versions, args.appear_at, args.settle, args.rollout_timeout)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    plot_path = None
+    plot_path = data_path = None
     try:
-        plot_path = plot(outcomes, RESULTS_DIR / f"rollout-{stamp}.png",
-                         f"Hot update under open-loop load ({rate:,.0f} req/s, batch-1 gRPC Predicts)")
+        plot_path = plot(s, RESULTS_DIR / f"rollout-{stamp}.png",
+                         f"Hot update, paired rounds ({s.scenario}, {rate:,.0f} req/s open-loop batch-1 gRPC)")
     except Exception as exc:  # noqa: BLE001 - the numbers still count without the picture
         progress(f"plot failed: {error_text(exc)}\n{traceback.format_exc()}")
     try:
-        data_path = save_data(outcomes, RESULTS_DIR / f"rollout-{stamp}.npz")
-        if data_path is not None:
-            progress(f"every request's times and codes: {data_path}")
+        data_path = save_data(s, RESULTS_DIR / f"rollout-{stamp}.npz")
     except Exception as exc:  # noqa: BLE001 - as for the plot
-        progress(f"saving the data failed: {error_text(exc)}")
-    headline = report(outcomes, rate, rate_note, args.seconds, args.drop_key, plot_path, load_average)
+        progress(f"saving the data failed: {error_text(exc)}\n{traceback.format_exc()}")
+    headline = report(s, load_average, plot_path, data_path)
     print(headline, flush=True)
-    failed = len(outcomes) < len(args.scenarios) or any(not o.ok for o in outcomes)
-    return 1 if failed or any(o.errors() for o in outcomes) else 0
+    errors = s.load.latency_stats().errors if s.load is not None else 1
+    return 1 if s.error or errors or any(r.error for r in s.runs) or not s.pairs() else 0
 
 
 if __name__ == "__main__":

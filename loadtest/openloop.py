@@ -219,6 +219,7 @@ class OpenLoop(Generic[T]):
         self._errors: Counter[str] = Counter()
         self._inflight: set[asyncio.Task[None]] = set()
         self._peak = 0
+        self._start = self._wall_offset = 0.0
 
     @property
     def sent_count(self) -> int:
@@ -269,8 +270,8 @@ class OpenLoop(Generic[T]):
             raise ValueError("give stop, duration or both")
         clock = self.clock
         interval = 1.0 / self.rate
-        wall_offset = time.time() - clock()
-        start = clock()
+        self._wall_offset = time.time() - clock()
+        start = self._start = clock()
         n = 0
         while True:
             if stop is not None and stop.is_set():
@@ -299,17 +300,22 @@ class OpenLoop(Generic[T]):
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        return self.partial()
+
+    def partial(self) -> OpenLoopResult[T]:
+        """The requests sent so far (``done`` NaN for those still in flight); the whole run once it returned."""
+        n = len(self._sent)
         return OpenLoopResult(
             rate=self.rate,
-            start=start,
-            scheduled=start + np.arange(n, dtype=np.float64) * interval,
+            start=self._start,
+            scheduled=self._start + np.arange(n, dtype=np.float64) / self.rate,
             sent=np.array(self._sent, dtype=np.float64),
             done=np.array(self._done, dtype=np.float64),
             codes=list(self._codes),
             values=list(self._values),
             errors=Counter(self._errors),
             max_inflight=self._peak,
-            wall_offset=wall_offset,
+            wall_offset=self._wall_offset,
         )
 
 

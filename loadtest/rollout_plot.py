@@ -1,14 +1,14 @@
-"""The picture of ``bench_rollout``: every request's latency around a hot update, one panel per scenario.
+"""The picture of ``bench_rollout``: every request's latency in every run, control beside update.
 
-x: each request's scheduled send time, seconds relative to the new version's
-appearance; y: its latency from that scheduled time (ms, log scale), blue
-when version 1 answered, orange for version 2, red crosses for errors.  The
-window from the appearance until the old version was unloaded is shaded
-grey; a dashed line marks the steady p999.  When the router's admin API
-reported the rollout, each worker gets a strip along the top coloured by
-its phase (a phase runs from its event until that worker's next event), and
-pool-wide events are dashed vertical lines.  Drawn with matplotlib's Agg
-backend (no display needed).
+One row per round: the control run on the left, the update run on the
+right.  x: each request's scheduled send time, seconds into the run; y: its
+latency from that scheduled time (ms, log scale, one scale for all panels),
+coloured by the version that answered, red crosses for errors; the run's
+p99 (dotted) and p999 (dashed).  In update runs the version's appearance is
+a black line, the time until the old version was unloaded is shaded grey,
+each worker gets a strip along the top coloured by its phase (a phase runs
+from its event until that worker's next event), and pool-wide events are
+dashed vertical lines.  Drawn with matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from loadtest.openloop import codes_text, fmt_ms
 
 if TYPE_CHECKING:
-    from loadtest.bench_rollout import Outcome
+    from loadtest.bench_rollout import Session
 
 PHASE_COLORS = {
     "drain": "#f4a261",
@@ -34,7 +34,7 @@ PHASE_COLORS = {
     "rollback": "#000000",
 }
 EXTRA_COLORS = ("#1d3557", "#ff70a6", "#70d6ff", "#bc6c25", "#606c38", "#3a86ff")
-VERSION_COLORS = {1: "#1f77b4", 2: "#ff7f0e"}
+VERSION_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf")
 STRIP = 0.055  # height of one worker's phase strip, in axes fraction
 
 
@@ -91,8 +91,11 @@ def _headroom(ax: Any, fraction: float) -> None:
     ax.set_ylim(lo, 10 ** (math.log10(lo) + span / (1 - fraction)))
 
 
-def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> Path | None:
-    """Draws the scenarios that produced load into ``path`` (a PNG); None if none did."""
+def plot(s: Session, path: Path, title: str) -> Path | None:
+    """Draws every run of the session into ``path`` (a PNG): one row per round, control then update.
+
+    None when the session produced no load.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,81 +105,88 @@ def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> Path | None:
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    shown = [o for o in outcomes if o.ok]
-    if not shown:
+    load = s.load
+    runs = [r for r in s.runs if r.end == r.end]
+    if load is None or not runs:
         return None
-    fig, axes = plt.subplots(len(shown), 1, figsize=(14, 4.4 * len(shown)), squeeze=False)
+    rounds = sorted({r.round for r in runs})
+    fig, axes = plt.subplots(len(rounds), 2, figsize=(18, 3.8 * len(rounds)), squeeze=False, sharey=True)
     colors = dict(PHASE_COLORS)
     spare = iter(EXTRA_COLORS * 8)
     used: list[str] = []
-    # One time axis for all panels, so the scenarios compare at a glance.
-    lo = min(float(o.load.scheduled.min()) - o.appeared for o in shown if o.load is not None)
-    hi = max(float(o.load.scheduled.max()) - o.appeared for o in shown if o.load is not None)
-    for ax, out in zip(axes[:, 0], shown):
-        load = out.load
-        assert load is not None
-        rel = load.scheduled - out.appeared
-        lat_ms = load.latency * 1000
-        for version, color in VERSION_COLORS.items():
-            sel = np.array([v == version for v in load.values], dtype=bool)
-            ax.scatter(rel[sel], lat_ms[sel], s=2, color=color, alpha=0.45, linewidths=0, rasterized=True)
-        bad = np.array([c != "OK" for c in load.codes], dtype=bool) & ~np.isnan(lat_ms)
+    versions = sorted({v for v in load.values if v})
+    version_colors = {v: VERSION_COLORS[i % len(VERSION_COLORS)] for i, v in enumerate(versions)}
+    lat_ms = load.latency * 1000
+    for run in runs:
+        ax = axes[rounds.index(run.round), 0 if run.kind == "control" else 1]
+        mask = load.window(run.start, run.end)
+        rel = load.scheduled[mask] - run.start
+        lat = lat_ms[mask]
+        values = [load.values[i] for i in np.flatnonzero(mask)]
+        for version, color in version_colors.items():
+            sel = np.array([v == version for v in values], dtype=bool)
+            if sel.any():
+                ax.scatter(rel[sel], lat[sel], s=2, color=color, alpha=0.45, linewidths=0, rasterized=True)
+        codes = [load.codes[i] for i in np.flatnonzero(mask)]
+        bad = np.array([c != "OK" for c in codes], dtype=bool) & ~np.isnan(lat)
         if bad.any():
-            ax.scatter(rel[bad], lat_ms[bad], s=18, color="red", marker="x", linewidths=1)
+            ax.scatter(rel[bad], lat[bad], s=18, color="red", marker="x", linewidths=1)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-        steady, during = out.steady_stats(), out.during_stats()
-        ax.axhline(steady.p999 * 1000, color="#333333", linestyle="--", linewidth=1)
-        ax.text(lo, steady.p999 * 1000, f" steady p999 {fmt_ms(steady.p999)} ms", va="bottom",
-                ha="left", fontsize=8, color="#333333")
-        ax.axvspan(0, out.during_s, color="#999999", alpha=0.15, linewidth=0)
-        ax.axvline(0, color="black", linewidth=1)
-        ax.axvline(out.during_s, color="black", linewidth=1, linestyle=":")
+        stats = s.stats(run)
+        for value, style in ((stats.p99, ":"), (stats.p999, "--")):
+            ax.axhline(value * 1000, color="#333333", linestyle=style, linewidth=1)
         strips = 0
-        if out.rollout:
-            spans = worker_spans(out.rollout, out.appeared_wall + out.during_s)
-            strips = len(spans)
-            for k, (worker, items) in enumerate(spans.items()):
-                top = 1 - k * STRIP
-                for start, stop, phase in items:
-                    if phase not in colors:
-                        colors[phase] = next(spare)
-                    if phase not in used:
-                        used.append(phase)
-                    ax.axvspan(start - out.appeared_wall, stop - out.appeared_wall, ymin=top - STRIP * 0.85,
-                               ymax=top, color=colors[phase], alpha=0.85, linewidth=0)
-                ax.text(1.003, top - STRIP * 0.42, worker, transform=ax.transAxes, fontsize=8, va="center")
-            for at, phase in pool_events(out.rollout):
-                x = at - out.appeared_wall
-                ax.axvline(x, color="#6a4c93", linewidth=0.8, linestyle="--")
-                ax.text(x, 0.02, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=8, color="#6a4c93",
-                        rotation=90, va="bottom")
+        if run.kind == "update" and run.appeared == run.appeared:
+            ax.axvline(run.appeared - run.start, color="black", linewidth=1)
+            if run.finished == run.finished:
+                ax.axvspan(run.appeared - run.start, run.finished - run.start, color="#999999", alpha=0.15,
+                           linewidth=0)
+            if run.rollout:
+                offset = load.wall_offset + run.start  # wall time of the run's start
+                spans = worker_spans(run.rollout, offset + s.seconds)
+                strips = len(spans)
+                for k, (worker, items) in enumerate(spans.items()):
+                    top = 1 - k * STRIP
+                    for start, stop, phase in items:
+                        if phase not in colors:
+                            colors[phase] = next(spare)
+                        if phase not in used:
+                            used.append(phase)
+                        ax.axvspan(start - offset, stop - offset, ymin=top - STRIP * 0.85, ymax=top,
+                                   color=colors[phase], alpha=0.85, linewidth=0)
+                    ax.text(1.003, top - STRIP * 0.42, worker, transform=ax.transAxes, fontsize=8, va="center")
+                for at, phase in pool_events(run.rollout):
+                    x = at - offset
+                    ax.axvline(x, color="#6a4c93", linewidth=0.8, linestyle="--")
+                    ax.text(x, 0.02, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=8,
+                            color="#6a4c93", rotation=90, va="bottom")
         _headroom(ax, STRIP * strips + 0.03 if strips else 0.0)
-        errors = codes_text(load.latency_stats().error_codes())
-        ax.set_title(f"{out.name}: steady p999 {fmt_ms(steady.p999)} ms -> during p999 {fmt_ms(during.p999)} ms "
-                     f"({fmt_ratio(out.ratio())}), during max {fmt_ms(during.max)} ms over {out.during_s:.1f}s; "
-                     f"errors {errors}; end from {out.signal}", fontsize=10, loc="left")
-        ax.set_ylabel("latency from scheduled send (ms)")
+        took = f", rollout {run.finished - run.appeared:.1f}s" if run.finished == run.finished else ""
+        ax.set_title(f"{run.label}: p99 {fmt_ms(stats.p99)} ms, p999 {fmt_ms(stats.p999)} ms, max "
+                     f"{fmt_ms(stats.max)} ms{took}; errors {codes_text(stats.error_codes())}"
+                     + (f"; FAILED {run.error[:60]}" if run.error else ""), fontsize=9, loc="left")
         ax.grid(True, which="major", axis="y", alpha=0.3)
-        ax.set_xlim(lo, hi)
-    axes[-1, 0].set_xlabel("scheduled send time (s), relative to version 2 appearing; "
-                           "shaded grey: until version 1 was unloaded")
-    handles: list[Any] = [
-        Line2D([], [], marker="o", linestyle="", color=VERSION_COLORS[1], label="answered by v1"),
-        Line2D([], [], marker="o", linestyle="", color=VERSION_COLORS[2], label="answered by v2"),
-        Line2D([], [], marker="x", linestyle="", color="red", label="error"),
-        Line2D([], [], color="#333333", linestyle="--", label="steady p999"),
-    ]
+        ax.set_xlim(0, s.seconds)
+    for row in axes:
+        row[0].set_ylabel("latency from scheduled send (ms)")
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds into the run (update runs: the black line is the version's appearance, "
+                      "grey until the old version is unloaded)")
+    handles: list[Any] = [Line2D([], [], marker="o", linestyle="", color=c, label=f"answered by v{v}")
+                          for v, c in version_colors.items()]
+    handles += [Line2D([], [], marker="x", linestyle="", color="red", label="error"),
+                Line2D([], [], color="#333333", linestyle=":", label="run p99"),
+                Line2D([], [], color="#333333", linestyle="--", label="run p999")]
     handles += [Patch(color=colors[p], label=f"phase: {p}") for p in used]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False,
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 12), fontsize=9, frameon=False,
                columnspacing=1.2, handletextpad=0.4)
     fig.suptitle(title, fontsize=12)
     height = fig.get_size_inches()[1]
-    # Room at the bottom for the legend (one row, ~0.35 in) below the last x label.
-    fig.tight_layout(rect=(0, 0.4 / height, 0.985, 1 - 0.35 / height))
+    fig.tight_layout(rect=(0, 0.5 / height, 0.985, 1 - 0.35 / height))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

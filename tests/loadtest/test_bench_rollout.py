@@ -1,5 +1,6 @@
 """bench_rollout's pieces without a router: the rollout watch against a fake admin/REST server,
-the scenario configs, the phase spans and the plot."""
+the configs, the paired figures, the segments of an update run and what they cost, the CPU trace
+of real threads, the plots and the data file."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtest.bench_rollout import Outcome, dropped, report, save_data, scenario_config
+from loadtest.bench_rollout import Run, Session, figures, report, save_data, scenario_config, setting
 from loadtest.openloop import OK, OpenLoopResult
+from loadtest.proctrace import ProcTrace, Usage
+from loadtest.rollout_phases import attribute, combine, segments
 from loadtest.rollout_plot import plot, pool_events, worker_spans
+from loadtest.rollout_timeline import draw
 from loadtest.rollout_watch import ADMIN_SIGNAL, REST_SIGNAL, TOKEN_ENV, RolloutWatch
 
 
@@ -138,17 +142,16 @@ def test_without_an_admin_rollout_the_rest_status_tells_the_end(admin: bool) -> 
         assert fake.auth_seen == []
 
 
-def test_scenario_configs_carry_the_keys_as_written_and_drop_what_is_asked(tmp_path: Path) -> None:
-    staged = scenario_config("staged", tmp_path, [])
+def test_configs_carry_the_scenario_and_the_extra_keys(tmp_path: Path) -> None:
+    staged = scenario_config("staged", tmp_path)
     assert staged["rollout"] == {"strategy": "staged"} and staged["admin"] == {"port": 0}
     assert staged["workers"] == {"count": 2} and staged["poll_interval_s"] == 0.5
     assert staged["models"] == [{"name": "ctr", "base_path": str(tmp_path)}]
-    jemalloc = scenario_config("staged+jemalloc", tmp_path, [])
-    assert jemalloc["workers"] == {"count": 2, "allocator": "jemalloc"}
-    assert scenario_config("in_place", tmp_path, [])["rollout"] == {"strategy": "in_place"}
-    slim = dropped(jemalloc, ["rollout", "admin", "workers.allocator", "no.such.key"])
-    assert "rollout" not in slim and "admin" not in slim and slim["workers"] == {"count": 2}
-    assert dropped({"a": {"b": 1}}, ["a.b"]) == {}  # an emptied section goes too
+    assert scenario_config("staged+jemalloc", tmp_path)["workers"] == {"count": 2, "allocator": "jemalloc"}
+    extra = scenario_config("staged", tmp_path, [setting("rollout.mode=overlap"), setting("workers.nice=0")])
+    assert extra["rollout"] == {"strategy": "staged", "mode": "overlap"} and extra["workers"]["nice"] == 0
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        setting("no-equals-sign")
 
 
 def test_a_worker_phase_runs_until_its_next_event_and_the_last_until_the_end() -> None:
@@ -168,64 +171,157 @@ def test_a_worker_phase_runs_until_its_next_event_and_the_last_until_the_end() -
     assert pool_events(rollout) == [(14.0, "switch"), (19.0, "done")]
 
 
-def fake_outcome(name: str, rollout: dict[str, Any] | None) -> Outcome:
-    rate, n = 200.0, 1200
-    start = 100.0
-    scheduled = start + np.arange(n) / rate
+WALL = 1_000_000.0  # wall_offset of the fake load: wall time = load clock + WALL
+RATE = 200.0
+
+
+def fake_load(seconds: float, stall_at: float, stall_s: float, versions: list[tuple[float, int]]) -> OpenLoopResult[int]:
+    """``seconds`` of requests at RATE, 3 ms each, but those scheduled in a stall wait for its end;
+    ``versions``: (from time, version) in order."""
+    n = int(seconds * RATE)
+    scheduled = np.arange(n) / RATE
     latency = np.full(n, 0.003)
-    stall = (scheduled >= 104.0) & (scheduled < 104.2)
-    latency[stall] = 104.2 - scheduled[stall] + 0.003
-    values: list[int | None] = [1 if t < 104.2 else 2 for t in scheduled]
+    stall = (scheduled >= stall_at) & (scheduled < stall_at + stall_s)
+    latency[stall] = stall_at + stall_s - scheduled[stall] + 0.003
+    values: list[int | None] = [max(v for t, v in versions if t <= s) for s in scheduled]
     codes = [OK] * n
-    codes[900], values[900] = "UNAVAILABLE", None
-    load = OpenLoopResult(rate=rate, start=start, scheduled=scheduled, sent=scheduled + 0.0005,
-                          done=scheduled + latency, codes=codes, values=values, max_inflight=40,
-                          wall_offset=1_000_000.0)
-    return Outcome(name=name, config={}, load=load, appeared=104.0, appeared_wall=1_000_104.0, during_s=1.0,
-                   signal=ADMIN_SIGNAL if rollout else REST_SIGNAL, rollout=rollout, steady_s=3.0)
+    codes[n - 5], values[n - 5] = "UNAVAILABLE", None
+    return OpenLoopResult(rate=RATE, start=0.0, scheduled=scheduled, sent=scheduled + 0.0005,
+                          done=scheduled + latency, codes=codes, values=values, max_inflight=40, wall_offset=WALL)
 
 
-def test_outcome_windows_and_the_plot(tmp_path: Path) -> None:
-    w = 1_000_104.0
-    rollout = rollout_entry("done", w + 1.0, [
-        {"time": w + 0.1, "worker": "w0", "phase": "drain"},
-        {"time": w + 0.2, "worker": "w0", "phase": "load"},
-        {"time": w + 0.5, "worker": "w0", "phase": "warm"},
-        {"time": w + 0.6, "worker": None, "phase": "switch"},
-        {"time": w + 0.7, "worker": "w1", "phase": "unload"},
-        {"time": w + 0.8, "worker": "w1", "phase": "a-phase-from-the-future"},
-    ])
-    staged, in_place = fake_outcome("staged", rollout), fake_outcome("in_place", None)
-    assert staged.steady_stats().requests == 600 and staged.during_stats().requests == 200
-    assert staged.ratio() > 10  # the 0.2 s stall against a flat 3 ms
-    assert staged.errors() == 1 and not staged.client_void()
-    path = plot([staged, in_place, Outcome(name="failed", config={}, error="boom")], tmp_path / "r.png", "t")
-    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot([Outcome(name="failed", config={}, error="boom")], tmp_path / "none.png", "t") is None
+class FakeTrace(ProcTrace):
+    """A trace with scripted samples: every process uses ``cores`` all the time, w0 ``burst`` more in [a, b)."""
+
+    def __init__(self, seconds: float, burst: tuple[float, float, float]) -> None:
+        super().__init__(lambda: {})
+        a, b, extra = burst
+        used = {"router": 0.0, "client": 0.0, "w0": 0.0, "w1": 0.0}
+        for i in range(int(seconds / 0.05) + 1):
+            t = i * 0.05
+            threads = {label: {1: ("main", Usage(cpu_s=cpu, wait_s=cpu / 10))} for label, cpu in used.items()}
+            self.samples.append((t, threads))
+            self.machine.append((t, 0, 0, 2 * t, 0, 0, 0, 0))
+            self.totals.append({label: (1, cpu) for label, cpu in used.items()} | {"others": (0, 0.0)})
+            for label in used:
+                used[label] += 0.05 * (0.5 + (extra if label == "w0" and a <= t < b else 0.0))
 
 
-def test_the_data_file_holds_every_request(tmp_path: Path) -> None:
+def fake_session() -> Session:
+    # 40 s: control run [0, 20), update run [20, 40): v2 appears at 25, w0 drains at 26 and loads
+    # from 26.5 (a 0.2 s stall at 27.0 while w0 burns 0.4 cores more), switch at 28.
+    load = fake_load(40.0, 27.0, 0.2, [(0.0, 1), (28.0, 2)])
+    w = WALL
+    events = [
+        {"time": w + 25.8, "worker": None, "phase": "load"},
+        {"time": w + 26.0, "worker": "w0", "phase": "drain"},
+        {"time": w + 26.5, "worker": "w0", "phase": "load"},
+        {"time": w + 27.5, "worker": "w0", "phase": "warm"},
+        {"time": w + 27.9, "worker": "w0", "phase": "warm"},
+        {"time": w + 28.0, "worker": "w0", "phase": "join"},
+        {"time": w + 28.0, "worker": None, "phase": "switch"},
+        {"time": w + 28.0, "worker": "w1", "phase": "drain"},
+        {"time": w + 28.5, "worker": "w1", "phase": "load"},
+        {"time": w + 29.5, "worker": "w1", "phase": "join"},
+        {"time": w + 29.5, "worker": None, "phase": "done"},
+    ]
+    s = Session("staged", scenario_config("staged", Path("/tmp/x")), RATE, "--rate", 20.0, load=load,
+                trace=FakeTrace(40.0, (26.5, 27.5, 0.4)))
+    s.runs = [Run(1, "control", 0.0, 20.0, old=1, new=1),
+              Run(1, "update", 20.0, 40.0, old=1, new=2, appeared=25.0, finished=29.5, signal=ADMIN_SIGNAL,
+                  rollout=rollout_entry("done", w + 29.5, events))]
+    return s
+
+
+def test_an_update_run_is_cut_at_its_events_with_workers_lettered_in_turn() -> None:
+    s = fake_session()
+    update = s.runs[1]
+    segs = segments(update.rollout or {}, update.start, update.end, update.appeared, WALL)
+    assert [(g.label, round(g.start, 2), round(g.end, 2)) for g in segs] == [
+        ("before", 20.0, 25.0), ("detect", 25.0, 25.8), ("start", 25.8, 26.0), ("A drain", 26.0, 26.5),
+        ("A load", 26.5, 27.5), ("A warm", 27.5, 28.0), ("A join", 28.0, 28.0), ("switch", 28.0, 28.0),
+        ("B drain", 28.0, 28.5), ("B load", 28.5, 29.5), ("B join", 29.5, 29.5), ("after", 29.5, 40.0)]
+    assert segs[0].workers == (("A", "w0"), ("B", "w1"))
+    assert [g.label for g in segments({}, 20.0, 40.0, 25.0, WALL)] == ["before", "after"]
+
+
+def test_the_excess_lands_in_the_segment_of_the_stall_beside_the_cpu_of_the_worker_that_caused_it() -> None:
+    s = fake_session()
+    control, update = s.runs
+    segs = segments(update.rollout or {}, update.start, update.end, update.appeared, WALL)
+    assert s.trace is not None and s.load is not None
+    rows = {r.label: r for r in attribute(s.load, segs, s.stats(control), s.trace, control.start, control.end)}
+    assert rows["A load"].over_p999 == 40  # every request of the 0.2 s stall
+    assert rows["A load"].excess_ms > 1000 and rows["before"].excess_ms == 0 and rows["after"].excess_ms == 0
+    assert rows["A load"].cores["A"] == pytest.approx(0.9, abs=0.06)  # 0.5 + the 0.4 burst
+    assert rows["A load"].control_cores["A"] == pytest.approx(0.5, abs=0.03)
+    assert rows["B load"].cores["A"] == pytest.approx(0.5, abs=0.06) and rows["B load"].cores["B"] == pytest.approx(
+        0.5, abs=0.06)
+    assert rows["A load"].wait["A"] == pytest.approx(0.09, abs=0.01)
+    assert rows["A join"].cores == {}  # too short to say anything about CPU
+    headers, table = combine([list(rows.values())])
+    by_label = {row[0]: dict(zip(headers, row)) for row in table}
+    assert by_label["A load"]["share"] == "100%" and by_label["A load"]["A cores"] == "0.90 (+0.40)"
+
+
+def test_figures_are_medians_over_the_rounds_and_the_report_ends_with_them(capsys: pytest.CaptureFixture[str]) -> None:
+    s = fake_session()
+    fig = figures(s)
+    assert fig is not None and fig.rounds == 1
+    assert fig.control_p999 == pytest.approx(0.003) and fig.p999_ratio > 10  # the stall against a flat 3 ms
+    headline = report(s, 0.1, None, None)
+    printed = capsys.readouterr().out
+    assert headline.startswith("rollout staged, paired (1 rounds of 20s runs, 200 req/s = --rate): p999 "
+                               "updating/control ")
+    assert headline.endswith("1 errors [target p999 <= 1.25x, p99 <= 1.1x]") and "\n" not in headline
+    assert "A load" in printed and "UNAVAILABLE 1" in printed
+    s.runs[1].error = "RuntimeError: rollout rolled_back"
+    assert figures(s) is None and "no complete round" in report(s, 0.1, None, None)
+
+
+def test_the_plots_and_the_data_file(tmp_path: Path) -> None:
     import json
 
-    out = fake_outcome("staged", None)
-    path = save_data([out, Outcome(name="failed", config={}, error="boom")], tmp_path / "r.npz")
-    assert path is not None
-    with np.load(path) as data:
-        assert data["staged/scheduled"].size == len(out.load)  # type: ignore[arg-type]
-        assert data["staged/scheduled"][0] == pytest.approx(-4.0)
-        assert data["staged/code"][900] == "UNAVAILABLE" and data["staged/version"][900] == 0
-        meta = json.loads(str(data["meta"]))
-    assert meta["staged"]["during_s"] == 1.0 and "failed" not in meta
+    s = fake_session()
+    path = plot(s, tmp_path / "r.png", "t")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot(Session("staged", {}, RATE, "", 20.0), tmp_path / "none.png", "t") is None
+    data = save_data(s, tmp_path / "r.npz")
+    assert data is not None
+    with np.load(data) as arrays:
+        assert arrays["scheduled"].size == len(s.load)  # type: ignore[arg-type]
+        assert arrays["code"][len(s.load) - 5] == "UNAVAILABLE"  # type: ignore[arg-type]
+        assert "trace/w0/main/cpu" in arrays.files and "trace/machine/idle" in arrays.files
+        meta = json.loads(str(arrays["meta"]))
+    assert [r["kind"] for r in meta["runs"]] == ["control", "update"]
+    assert {row["label"] for row in meta["segments"]["1"]} >= {"A load", "B load"}
+    timeline = draw(data, tmp_path / "t.png", before=1.0, after=1.0)
+    assert timeline.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_report_ends_with_one_line_of_ratios(capsys: pytest.CaptureFixture[str]) -> None:
-    staged = fake_outcome("staged", rollout_entry("done", 1_000_105.0, []))
-    staged.config = {"rollout": {"strategy": "staged"}}
-    in_place = fake_outcome("in_place", None)
-    failed = Outcome(name="staged+jemalloc", config={}, error="RuntimeError: router exited with 1")
-    headline = report([staged, in_place, failed], 200.0, "--rate", 4.0, [], None, 0.1)
-    printed = capsys.readouterr().out
-    assert headline.startswith("rollout p999 during/steady: staged 67.3x (1 errors), in_place 67.3x (1 errors), "
-                               "staged+jemalloc failed [target staged <= 1.25x]")
-    assert "\n" not in headline
-    assert "UNAVAILABLE 1" in printed and "FAILED staged+jemalloc" in printed
+def test_the_trace_sees_a_busy_thread_of_a_real_process() -> None:
+    import os
+    import threading
+
+    stop, traced = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        with open("/proc/thread-self/comm", "w", encoding="ascii") as f:
+            f.write("burner7")  # the kernel's name for the thread, as the workers name theirs
+        while not traced.is_set():
+            sum(range(1000))
+        stop.wait()
+
+    trace = ProcTrace(lambda: {"me": os.getpid()}, interval=0.02)
+    trace.start()
+    thread = threading.Thread(target=burn)
+    thread.start()
+    time.sleep(0.3)
+    traced.set()
+    trace.stop()  # while the thread still lives: the trace follows live threads
+    stop.set()
+    thread.join()
+    used = trace.between(trace.samples[0][0], trace.samples[-1][0])
+    assert used[("me", "burner")].cpu_s > 0.1  # digits dropped from the thread's name
+    assert trace.totals_between(trace.samples[0][0], trace.samples[-1][0])["me"] > 0.1
+    assert set(trace.machine_between(trace.samples[0][0], trace.samples[-1][0])) >= {"idle", "user", "steal"}
