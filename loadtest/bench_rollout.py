@@ -1,6 +1,6 @@
 """The latency spike of a hot model update, in paired rounds under open-loop load.
 
-    python -m loadtest.bench_rollout [--rounds 3] [--seconds 30] [--load 0.5 | --rate R]
+    python -m loadtest.bench_rollout [--rounds 5] [--seconds 30] [--load 0.5 | --rate R]
                                      [--scenario staged|in_place|staged+jemalloc|staged+overlap]
                                      [--model-dir DIR] [--vocab 940000] [--set KEY=VALUE ...]
 
@@ -83,7 +83,7 @@ from loadtest.common import (
     progress,
     run_async,
 )
-from loadtest.openloop import UNANSWERED, LatencyStats, OpenLoop, OpenLoopResult, codes_text, fmt_ms
+from loadtest.openloop import LatencyStats, OpenLoop, OpenLoopResult, codes_text, fmt_ms
 from loadtest.proctrace import ProcTrace
 from loadtest.rollout_phases import SegmentRow, attribute, combine, machine_text, roles_text, segments
 from loadtest.rollout_plot import fmt_ratio, plot
@@ -368,11 +368,11 @@ class Session:
     pids: dict[str, int] = field(default_factory=dict)
     error: str = ""
     drain_s: float = 0.0  # --drain-only: update runs drain a worker this long instead of updating
+    perf_dir: Path | None = None  # --perf-sched: where each update run's scheduler trace goes
 
-    def stats(self, run: Run, load: OpenLoopResult[int] | None = None) -> LatencyStats:
-        load = load or self.load
-        assert load is not None
-        return load.latency_stats(load.window(run.start, run.end))
+    def stats(self, run: Run) -> LatencyStats:
+        assert self.load is not None
+        return self.load.latency_stats(self.load.window(run.start, run.end))
 
     def pairs(self) -> list[tuple[Run, Run]]:
         """(control, update) of every round whose runs both completed."""
@@ -458,10 +458,10 @@ async def drive(s: Session, router: RouterProcess, admin_url: str | None, base: 
                     run.end = run.start + s.seconds
                     if s.trace is not None:
                         run.cpu_others = others_cores(s.trace, run.start, run.end, busy0, machine_busy_s())
-                    stats = s.stats(run, loop.partial())
-                    progress(f"[{run.label}] p50 {fmt_ms(stats.p50)} p99 {fmt_ms(stats.p99)} p999 "
-                             f"{fmt_ms(stats.p999)} max {fmt_ms(stats.max)} ms, {stats.requests:,} requests, "
-                             f"errors {codes_text({c: n for c, n in stats.error_codes().items() if c != UNANSWERED})}")
+                    # Only counts here: percentiles over the run so far would stall this
+                    # loop for tens of ms, and the requests due meanwhile would carry it.
+                    progress(f"[{run.label}] done: {loop.sent_count:,} requests sent so far, {loop.inflight} in "
+                             f"flight, {loop.error_count} errors")
                     if run.error:
                         raise RuntimeError(f"{run.label}: {run.error}")
                 await asyncio.sleep(settle)
@@ -505,7 +505,39 @@ async def update_run(s: Session, run: Run, http: Any, router: RouterProcess, adm
     if s.drain_s:
         await drain_run(s, run, http, router, admin_url, appear_at, clock)
         return
-    await watch_nothing(http, router, admin_url, appear_at)
+    await watch_nothing(http, router, admin_url, max(0.0, appear_at - 0.5))
+    perf = await start_perf(s, run)
+    await watch_nothing(http, router, admin_url, min(0.5, appear_at))
+    try:
+        await rename_and_watch(s, run, http, router, admin_url, base, rollout_timeout, clock)
+        await asyncio.sleep(1.0)
+    finally:
+        await stop_perf(perf)
+
+
+async def start_perf(s: Session, run: Run) -> Any:
+    """``perf sched record`` of the whole machine (``--perf-sched DIR``), or None."""
+    if s.perf_dir is None:
+        return None
+    s.perf_dir.mkdir(parents=True, exist_ok=True)
+    out = s.perf_dir / f"round{run.round}.data"
+    proc = await asyncio.create_subprocess_exec("perf", "sched", "record", "-a", "-o", str(out),
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    progress(f"[{run.label}] perf sched record -> {out}")
+    return proc
+
+
+async def stop_perf(proc: Any) -> None:
+    if proc is None:
+        return
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    await proc.wait()
+
+
+async def rename_and_watch(s: Session, run: Run, http: Any, router: RouterProcess, admin_url: str | None,
+                           base: Path, rollout_timeout: float, clock: Any) -> None:
     os.rename(staging_dir(base, run.new), base / str(run.new))
     run.appeared = clock()
     appeared_wall = time.time()
@@ -733,7 +765,7 @@ def save_data(s: Session, path: Path) -> Path | None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="paired rounds, one version each (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="paired rounds, one version each (default 5)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of every run (default 30)")
     p.add_argument("--appear-at", type=float, default=5.0,
                    help="seconds into an update run at which the next version appears (default 5)")
@@ -753,6 +785,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-only", type=float, default=0.0, metavar="SECONDS",
                    help="instead of an update, take worker w0 out of rotation for SECONDS (the cost of "
                         "being one worker short, without any conversion)")
+    p.add_argument("--perf-sched", type=Path, metavar="DIR",
+                   help="record every update run's scheduler events (perf sched record -a, from 0.5 s before "
+                        "the version appears to 1 s after the rollout) into DIR/roundN.data")
     p.add_argument("--rollout-timeout", type=float, default=120.0,
                    help="seconds a rollout may take before its run fails (default 120)")
     args = p.parse_args(argv)
@@ -800,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap = capacity(args.model_dir, config, args.capacity_seconds)
         rate, rate_note = cap * args.load, f"{args.load:.0%} of the measured capacity of {cap:,.0f} req/s"
     progress(f"open-loop rate: {rate:,.0f} req/s ({rate_note})")
-    s = Session(args.scenario, config, rate, rate_note, args.seconds, drain_s=args.drain_only)
+    s = Session(args.scenario, config, rate, rate_note, args.seconds, drain_s=args.drain_only,
+                perf_dir=args.perf_sched)
     run_session(s, args.model_dir, versions, args.appear_at, args.settle, args.rollout_timeout)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     plot_path = data_path = None

@@ -229,6 +229,10 @@ class OpenLoop(Generic[T]):
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def error_count(self) -> int:
+        return sum(self._errors.values())
+
     async def _one(self, i: int) -> None:
         self._sent[i] = self.clock()
         try:

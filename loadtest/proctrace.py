@@ -127,6 +127,7 @@ def others_ticks(exclude: set[int]) -> float:
 
 
 Sample = tuple[float, dict[str, dict[int, tuple[str, Usage]]]]  # (monotonic, process label -> tid -> ...)
+OTHERS_EVERY = 10
 MACHINE_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
@@ -163,7 +164,9 @@ class ProcTrace:
         self.machine.append(read_machine())
         # process label -> (pid, CPU s of the whole process); "others": the rest of the machine
         totals = {label: (pid, process_ticks(pid)) for label, pid in processes.items()}
-        totals["others"] = (0, others_ticks(set(processes.values())))
+        # Every process of the machine is a few ms of reading: only every OTHERS_EVERY-th sample.
+        if len(self.samples) % OTHERS_EVERY == 1 or not self.totals:
+            totals["others"] = (0, others_ticks(set(processes.values())))
         self.totals.append(totals)
 
     def _run(self) -> None:
@@ -223,6 +226,13 @@ class ProcTrace:
             start = self.totals[i].get(label)
             if start is not None and start[0] == pid and end == end and start[1] == start[1]:
                 out[label] = end - start[1]
+        # "others" is read every OTHERS_EVERY samples: the nearest readings at or before each end.
+        a = next((k for k in range(i, -1, -1) if "others" in self.totals[k]), None)
+        b = next((k for k in range(j, -1, -1) if "others" in self.totals[k]), None)
+        if a is not None and b is not None and b > a:
+            wall = self.samples[b][0] - self.samples[a][0]
+            span = self.samples[j][0] - self.samples[i][0]
+            out["others"] = (self.totals[b]["others"][1] - self.totals[a]["others"][1]) * (span / wall)
         return out
 
     def machine_between(self, t0: float, t1: float) -> dict[str, float]:

@@ -270,6 +270,12 @@ class RolloutConfig:
     warmup_budget_s: float = 30.0  # per version and worker
     warmup_max_rounds: int = 20
     retry_backoff_s: float = 1.0  # a failed worker step is retried after this, doubling up to 30 s
+    # A drained worker converts in bursts: the project's worker stops itself for
+    # pace_pause_ms after every pace_run_ms while it unloads, loads and warms
+    # (workers/pacer.py), so it never holds back the workers serving meanwhile;
+    # pace_run_ms 0 turns it off.  Other TF Serving servers ignore the request.
+    pace_run_ms: float = 1.0
+    pace_pause_ms: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -450,6 +456,8 @@ def _validate(cfg: Config) -> None:
     for key in ("drain_timeout_s", "load_timeout_s", "warmup_budget_s", "retry_backoff_s"):
         if getattr(r, key) <= 0:
             raise ConfigError(f"rollout.{key}: must be greater than 0")
+    if not (0 <= r.pace_run_ms <= 1000 and 0 < r.pace_pause_ms <= 1000):
+        raise ConfigError("rollout.pace_run_ms: 0 (off) to 1000; rollout.pace_pause_ms: above 0, up to 1000")
     if cfg.source.stable_polls < 1:
         raise ConfigError("source.stable_polls: must be at least 1")
     if "/" in cfg.source.ready_marker:

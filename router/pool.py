@@ -45,6 +45,15 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 # Control-plane calls the project's worker keeps out of its client counts (and
 # runs on its idle-priority load thread); any other TF Serving server ignores the key.
 CONTROL_METADATA = WARMUP_METADATA = (("x-tfs-router-warmup", "1"),)
+# On a reload or warm-up of a worker out of rotation: "RUN_MS/PAUSE_MS", the
+# project's worker converts in bursts that short (workers/pacer.py).
+PACE_KEY = "x-tfs-router-pace"
+
+
+def _paced(metadata: tuple[tuple[str, str], ...], pace: str | None) -> tuple[tuple[str, str], ...] | None:
+    if pace is None:
+        return metadata or None
+    return (*metadata, (PACE_KEY, pace))
 
 
 class TransportError(Unavailable):
@@ -53,10 +62,12 @@ class TransportError(Unavailable):
 
 class Transport(Protocol):
     async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
-    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
+                     pace: str | None = None) -> predict_pb2.PredictResponse: ...
     async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse: ...
     async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse: ...
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse: ...
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
+                     pace: str | None = None) -> config_pb2.ReloadConfigResponse: ...
     async def raw(self, method: str, body: bytes, timeout: float) -> bytes: ...
     async def healthy(self, timeout: float) -> bool: ...
     async def close(self) -> None: ...
@@ -112,9 +123,10 @@ class GrpcTransport:
         result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout)
         return result
 
-    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
+                     pace: str | None = None) -> predict_pb2.PredictResponse:
         result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout,
-                                                               metadata=WARMUP_METADATA)
+                                                               metadata=_paced(WARMUP_METADATA, pace))
         return result
 
     async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse:
@@ -127,9 +139,11 @@ class GrpcTransport:
         result: status_pb2.GetModelStatusResponse = await self._call(self._status, request, timeout, True)
         return result
 
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse:
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
+                     pace: str | None = None) -> config_pb2.ReloadConfigResponse:
         # Control-plane calls wait for the connection (a worker that just started).
-        result: config_pb2.ReloadConfigResponse = await self._call(self._reload, request, timeout, True)
+        result: config_pb2.ReloadConfigResponse = await self._call(self._reload, request, timeout, True,
+                                                                   metadata=_paced((), pace))
         return result
 
     async def raw(self, method: str, body: bytes, timeout: float) -> bytes:

@@ -325,7 +325,8 @@ class RouterProcess(_ChildProcess):
         import psutil
 
         pids = []
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
+        # Direct children: a worker's own child (its pacer, workers/pacer.py) is no worker.
+        for child in psutil.Process(self.proc.pid).children():
             try:
                 if child.status() != psutil.STATUS_ZOMBIE and "workers" in " ".join(child.cmdline()):
                     pids.append(child.pid)

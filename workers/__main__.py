@@ -83,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
                    help="lower this process's CPU priority by N (0-19) before TF starts its threads")
     p.add_argument("--parent-pid", type=int, default=0,
                    help="exit when this process (the router) is gone, even if it was killed with SIGKILL")
+    p.add_argument("--no-pacer", action="store_true",
+                   help="start no pacer process: a router's request to pace a conversion is ignored")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -102,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The pacer of conversions the router asks to pace: forked now, while this
+    # process has one thread and its normal priority.
+    from workers.pacer import Pacer
+
+    pacer = None if args.no_pacer else Pacer.start()
     if args.nice:
         # Threads inherit the niceness of the thread that creates them, so this
         # must run before TF or gRPC start theirs.
@@ -139,13 +146,18 @@ def main(argv: list[str] | None = None) -> None:
             poll_s=args.file_system_poll_wait_seconds,
             on_bound=on_bound,
             stop=stop,
+            pacer=pacer,
         )
         if watch is not None:
             watch.cancel()
 
     import uvloop
 
-    uvloop.run(run())
+    try:
+        uvloop.run(run())
+    finally:
+        if pacer is not None:
+            pacer.close()
 
 
 if __name__ == "__main__":

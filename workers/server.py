@@ -13,7 +13,11 @@ run TF (a request waits for a free thread; it never spawns one), or, by
 default, by running TF inline on the event loop, one call at a time.
 
 Loading, unloading and warm-up run on the load thread, which runs under
-SCHED_IDLE: it gets only the CPU time serving leaves unused.  A Predict call
+SCHED_IDLE: it gets only the CPU time serving leaves unused.  A ReloadConfig
+or warm-up call carrying ``x-tfs-router-pace: RUN_MS/PAUSE_MS`` (the router
+took this worker out of rotation) runs with the whole process paced to short
+bursts (``workers.pacer``), so that the conversion never holds the serving
+workers back.  A Predict call
 carrying the metadata ``x-tfs-router-warmup: 1`` is the router warming a
 version on a worker it took out of rotation: it runs on that thread, is
 journaled as a "warmup" operation and is not counted as client traffic.
@@ -22,11 +26,12 @@ journaled as a "warmup" operation and is not counted as client traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,8 +44,10 @@ from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from shared.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
 from shared.signature import Signature
 from shared.tensor import fill, to_numpy
+from workers import pacer as pacer_mod
 from workers.journal import Journal
 from workers.manager import ModelManager
+from workers.pacer import Pacer
 from workers.runtime import LoadedVersion
 
 log = logging.getLogger("workers.server")
@@ -118,10 +125,19 @@ def _is_warmup(context: grpc.aio.ServicerContext) -> bool:
     return WARMUP_METADATA in (context.invocation_metadata() or ())
 
 
+def _pace(context: grpc.aio.ServicerContext) -> tuple[float, float] | None:
+    """The pacing the router asks for on this call (the worker is out of rotation), if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == pacer_mod.METADATA_KEY and isinstance(value, str):
+            return pacer_mod.parse(value)
+    return None
+
+
 class WorkerServices:
     def __init__(self, manager: ModelManager, predict_threads: int, load_executor: ThreadPoolExecutor,
-                 journal: Journal) -> None:
+                 journal: Journal, pacer: Pacer | None = None) -> None:
         self.manager = manager
+        self.pacer = pacer
         self.health = health.aio.HealthServicer()
         self._pool = (ThreadPoolExecutor(max_workers=predict_threads, thread_name_prefix="predict")
                       if predict_threads > 0 else None)
@@ -142,9 +158,19 @@ class WorkerServices:
 
     # -- PredictionService ---------------------------------------------------
 
+    @contextlib.contextmanager
+    def _paced(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        cycle = _pace(context) if self.pacer is not None else None
+        if cycle is None or self.pacer is None:
+            yield
+            return
+        with self.pacer.pacing(*cycle):
+            yield
+
     async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         if _is_warmup(context):
-            return await self._warmup(request)
+            with self._paced(context):
+                return await self._warmup(request)
         spec = request.model_spec
         self._journal.client_started()
         try:
@@ -234,7 +260,8 @@ class WorkerServices:
         if request.config.WhichOneof("config") != "model_config_list":
             raise InvalidArgument("ServerConfig must contain a model_config_list")
         try:
-            await self.manager.reload(request.config)
+            with self._paced(context):
+                await self.manager.reload(request.config)
         except ServingError as exc:
             response.status.error_code = CODE_NUMBER[exc.code]  # type: ignore[assignment]
             response.status.error_message = exc.message
@@ -321,6 +348,7 @@ async def serve(
     poll_s: float = 0.0,
     on_bound: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    pacer: Pacer | None = None,
 ) -> None:
     """Run the worker until ``stop`` is set; loads ``config`` after the port is bound.
 
@@ -332,7 +360,7 @@ async def serve(
                                    initializer=enter_idle_class)
     journal = Journal()
     manager = ModelManager(load_pool, journal)
-    services = WorkerServices(manager, predict_threads, load_pool, journal)
+    services = WorkerServices(manager, predict_threads, load_pool, journal, pacer)
     server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs)
     server.add_generic_rpc_handlers(services.handlers())
     health_pb2_grpc.add_HealthServicer_to_server(services.health, server)

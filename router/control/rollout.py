@@ -30,7 +30,10 @@ all read; every phase change is logged and kept in its ``events``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -517,6 +520,7 @@ class Controller:
             adding = _minus(action.hold, held)
             removing = _minus(held, action.hold)
             out_of_rotation = b.state != READY
+            pace = self._pace(b) if out_of_rotation else None
             if removing and not out_of_rotation:
                 # In place: stop routing what goes away before the worker drops it.
                 b.versions = {m: {v: s for v, s in vs.items() if v not in removing.get(m, frozenset())}
@@ -527,24 +531,24 @@ class Controller:
                 keep = {m: held.get(m, frozenset()) & action.hold.get(m, frozenset()) for m in action.hold}
                 b.state = UNLOADING
                 self._event(b, "unload", f"unloading {_text(removing)} first (swap mode)")
-                await sync.hold(b, models, keep, self.registry, generation, timeout)
+                await sync.hold(b, models, keep, self.registry, generation, timeout, pace)
                 removing = {}
             if adding or b.state == STARTING or not b.versions:
                 if out_of_rotation:
                     b.state = LOADING
                 self._event(b, "load", f"loading {_text(adding) or 'the configured versions'}")
-                await sync.hold(b, models, action.hold, self.registry, generation, timeout)
+                await sync.hold(b, models, action.hold, self.registry, generation, timeout, pace)
             elif removing:
                 if out_of_rotation:
                     b.state = UNLOADING
                 self._event(b, "unload", f"unloading {_text(removing)}")
-                await sync.hold(b, models, action.hold, self.registry, generation, timeout)
+                await sync.hold(b, models, action.hold, self.registry, generation, timeout, pace)
             if staged:
                 cold = _minus(action.hold, b.warm)
                 if cold:
                     b.state = WARMING
                     self._event(b, "warm", f"warming {_text(cold)}")
-                    await self._warm(b, cold, generation)
+                    await self._warm(b, cold, generation, pace)
             if b.generation != generation:
                 raise sync.WorkerRestarted(f"worker {b.name} restarted")
             b.warm = {m: frozenset(vs) for m, vs in action.hold.items()}
@@ -558,7 +562,16 @@ class Controller:
         except Exception as exc:
             self._step_failed(b, action, exc, generation)
 
-    async def _warm(self, b: Backend, cold: Versions, generation: int) -> None:
+    def _pace(self, b: Backend) -> str | None:
+        """How a worker out of rotation converts (``rollout.pace_*``): in bursts while other
+        workers serve, so that it never holds them back; at full speed when none does (a
+        pool starting, or one that lost every worker), where nobody waits on anything else."""
+        s = self.settings
+        if s.pace_run_ms <= 0 or not any(o.routable for o in self.pool.backends if o is not b):
+            return None
+        return f"{s.pace_run_ms:g}/{s.pace_pause_ms:g}"
+
+    async def _warm(self, b: Backend, cold: Versions, generation: int, pace: str | None) -> None:
         assert b.transport is not None
         for model, versions in sorted(cold.items()):
             settings = self.registry.model(model).batching
@@ -570,7 +583,8 @@ class Controller:
                 try:
                     report = await warm(b.transport, requests, source=source,
                                         budget_s=self.settings.warmup_budget_s,
-                                        max_rounds=self.settings.warmup_max_rounds, rpc_timeout=self.rpc_timeout)
+                                        max_rounds=self.settings.warmup_max_rounds, rpc_timeout=self.rpc_timeout,
+                                        pace=pace)
                 except WarmupFailed as exc:
                     exc.model, exc.version = model, version  # type: ignore[attr-defined]
                     raise
@@ -586,6 +600,11 @@ class Controller:
         if isinstance(exc, TimeoutError):
             message = f"no answer within rollout.load_timeout_s ({self.settings.load_timeout_s:.0f}s)"
         restarted = b.generation != generation or isinstance(exc, (TransportError, sync.WorkerRestarted))
+        if b.pid is not None:
+            # A spawned worker whose pacer died while it was stopped between bursts would
+            # never answer again: whatever failed, it runs on (a running process ignores this).
+            with contextlib.suppress(OSError):
+                os.kill(b.pid, signal.SIGCONT)
         if not restarted:
             b.state = DRAINED  # out of rotation until a step succeeds
         self._event(b, "failed", message)

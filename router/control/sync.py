@@ -81,14 +81,17 @@ async def read_status(backend: Backend, models: Iterable[ModelConfig], registry:
 
 
 async def hold(backend: Backend, models: Iterable[ModelConfig], versions: Mapping[str, frozenset[int]],
-               registry: Registry, generation: int, timeout: float) -> None:
-    """Make the worker hold exactly ``versions``; LoadFailed names the first version that is not AVAILABLE."""
+               registry: Registry, generation: int, timeout: float, pace: str | None = None) -> None:
+    """Make the worker hold exactly ``versions``; LoadFailed names the first version that is not AVAILABLE.
+
+    ``pace``: the worker is out of rotation and may convert in bursts (``pool.PACE_KEY``).
+    """
     models = list(models)
     transport = backend.transport
     if transport is None or backend.generation != generation:
         raise WorkerRestarted(f"worker {backend.name} restarted")
     async with asyncio.timeout(timeout):
-        response = await transport.reload(reload_request(models, versions), timeout)
+        response = await transport.reload(reload_request(models, versions), timeout, pace=pace)
         await refresh(backend, models, registry, generation, timeout)
     for model, wanted in sorted(versions.items()):
         for version in sorted(wanted):

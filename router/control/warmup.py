@@ -164,9 +164,9 @@ class WarmReport:
 
 
 async def warm(transport: Transport, requests: Iterable[predict_pb2.PredictRequest], *, source: str,
-               budget_s: float, max_rounds: int, rpc_timeout: float = 60.0,
+               budget_s: float, max_rounds: int, rpc_timeout: float = 60.0, pace: str | None = None,
                clock: Callable[[], float] = time.monotonic) -> WarmReport:
-    """Send the requests in rounds until round times settle or ``budget_s`` is spent."""
+    """Send the requests in rounds until round times settle or ``budget_s`` is spent (``pace``: see sync.hold)."""
     batch = list(requests)
     settling = Settling(max_rounds)
     end = clock() + budget_s
@@ -178,7 +178,7 @@ async def warm(transport: Transport, requests: Iterable[predict_pb2.PredictReque
             what = f"version {spec.version.value} of {spec.name} (warm-up request {sent % len(batch)}"
             what += f" from its {source})"
             try:
-                response = await transport.warmup(request, rpc_timeout)
+                response = await transport.warmup(request, rpc_timeout, pace=pace)
             except ServingError as exc:
                 raise WarmupFailed(f"{what} failed: {exc.message}") from exc
             check_finite(response, what)

@@ -64,9 +64,12 @@ class FakeTransport:
         self.warm_answer = predict_pb2.PredictResponse()
         fill(self.warm_answer.outputs["y"], np.zeros((1, 2), np.float32))
         self.reload_delay = 0.0
+        self.paces: list[tuple[str, str | None]] = []  # (call, the pacing it asked for)
 
-    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
+                     pace: str | None = None) -> predict_pb2.PredictResponse:
         self.warmups.append(request)
+        self.paces.append(("warmup", pace))
         await asyncio.sleep(0)
         if self.warmup_error is not None:
             raise self.warmup_error
@@ -107,9 +110,11 @@ class FakeTransport:
             raise NotFound(f"Could not find any versions of model {name}")
         return status_pb2.GetModelStatusResponse(model_version_status=[versions[v] for v in sorted(versions)])
 
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse:
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
+                     pace: str | None = None) -> config_pb2.ReloadConfigResponse:
         wanted = {c.name: tuple(c.model_version_policy.specific.versions)
                   for c in request.config.model_config_list.config}
+        self.paces.append(("reload", pace))
         self.reloads.append(wanted)
         if self.on_reload is not None:
             self.on_reload(wanted)

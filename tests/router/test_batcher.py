@@ -257,7 +257,8 @@ class FakeTransport:
     async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse:
         raise AssertionError("not used")
 
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse:
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
+                     pace: str | None = None) -> config_pb2.ReloadConfigResponse:
         raise AssertionError("not used")
 
     async def raw(self, method: str, body: bytes, timeout: float) -> bytes:

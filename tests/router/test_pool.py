@@ -43,7 +43,8 @@ class FakeTransport:
                      timeout: float) -> status_pb2.GetModelStatusResponse:
         raise self._unexpected("status")
 
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float) -> config_pb2.ReloadConfigResponse:
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
+                     pace: str | None = None) -> config_pb2.ReloadConfigResponse:
         raise self._unexpected("reload")
 
     async def raw(self, method: str, body: bytes, timeout: float) -> bytes:

@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.support import TEST_VOCAB, SteadyLoad, WorkerProcess, outputs_of, predict_request
-from workers import server
+from workers import pacer, server
 from workers.demo_model import example_inputs
 
 State = get_model_status_pb2.ModelVersionStatus
@@ -237,6 +237,56 @@ def test_empty_specific_list_unloads_every_version(worker: WorkerProcess, model_
     assert resp.status.error_code == NOT_FOUND and "empty" in resp.status.error_message
     assert stub.Predict(request, timeout=30).model_spec.version.value == 2
     assert reload(worker, base, [2]).status.error_code == 0  # forget "empty" again
+    assert_only_the_load_thread_is_idle(worker.proc.pid)
+
+
+def reload_watching_state(worker: WorkerProcess, base: Path, versions: list[int],
+                          metadata: tuple[tuple[str, str], ...] = ()) -> tuple[Any, set[str]]:
+    """A reload, and the process states (/proc/PID/stat: R, S, T ...) seen while it ran."""
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        path = Path(f"/proc/{worker.proc.pid}/stat")
+        while not done.is_set():
+            stat = path.read_text()
+            seen.add(stat[stat.rfind(")") + 2])
+            time.sleep(0.0002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        req = model_management_pb2.ReloadConfigRequest()
+        cfg = req.config.model_config_list.config.add(name="ctr", base_path=str(base), model_platform="tensorflow")
+        cfg.model_version_policy.specific.versions.extend(versions)
+        stub = model_service_pb2_grpc.ModelServiceStub(worker.channel)
+        response = stub.HandleReloadConfigRequest(req, metadata=metadata, timeout=120)
+    finally:
+        done.set()
+        watcher.join()
+    return response, seen
+
+
+def test_a_reload_the_router_asks_to_pace_runs_in_bursts_and_serves_at_full_speed_after(
+        worker: WorkerProcess, model_root: Path) -> None:
+    base = model_root / "ctr"
+    assert reload(worker, base, [1]).status.error_code == 0
+    # Unpaced: the worker never stops.
+    response, seen = reload_watching_state(worker, base, [2])
+    assert response.status.error_code == 0 and "T" not in seen, seen
+    # Paced (the router took it out of rotation): stopped between bursts.
+    response, seen = reload_watching_state(worker, base, [1], ((pacer.METADATA_KEY, "1/3"),))
+    assert response.status.error_code == 0 and "T" in seen, seen
+    assert statuses(worker)[1].state == State.AVAILABLE
+    _, after = reload_watching_state(worker, base, [1])  # nothing to do, and no stop left over
+    assert "T" not in after
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(worker.channel)
+    request = predict_request("ctr", example_inputs(4, vocab=TEST_VOCAB))
+    assert stub.Predict(request, timeout=30).model_spec.version.value == 1
+    # A malformed request to pace is ignored: the reload runs unpaced.
+    response, seen = reload_watching_state(worker, base, [2], ((pacer.METADATA_KEY, "fast"),))
+    assert response.status.error_code == 0 and "T" not in seen
+    assert reload(worker, base, [1]).status.error_code == 0
     assert_only_the_load_thread_is_idle(worker.proc.pid)
 
 

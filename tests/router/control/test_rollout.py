@@ -83,13 +83,14 @@ class Recording(FakeTransport):
         me = next((b for b in self.pool.backends if b.transport is self), None)
         self.in_rotation_during.append((what, me is not None and me.routable))
 
-    async def reload(self, request: Any, timeout: float) -> Any:
+    async def reload(self, request: Any, timeout: float, pace: str | None = None) -> Any:
         self._note("reload")
-        return await super().reload(request, timeout)
+        return await super().reload(request, timeout, pace)
 
-    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
+                     pace: str | None = None) -> predict_pb2.PredictResponse:
         self._note("warmup")
-        return await super().warmup(request, timeout)
+        return await super().warmup(request, timeout, pace)
 
 
 class World:
@@ -260,6 +261,42 @@ def test_swap_mode_never_holds_two_versions_and_switches_at_half(tmp_path: Path)
     run(main)
 
 
+def test_a_drained_worker_is_asked_to_convert_paced_while_another_serves(tmp_path: Path) -> None:
+    world = World(tmp_path)
+
+    async def main() -> None:
+        async with world.running():
+            # The pool's start: nobody serves yet, so nobody is held back by going slowly.
+            assert {pace for name in ("w0", "w1") for _, pace in world.fake(name).paces} == {None}
+            for name in ("w0", "w1"):
+                world.fake(name).paces.clear()
+            world.disk.versions[2] = PB
+            world.poll()
+            await world.until(lambda: len(world.controller.history) == 2)
+            assert world.held() == {"w0": [2], "w1": [2]}
+        # Every reload and warm-up of the rollout ran while the other worker served: paced, as configured.
+        for name in ("w0", "w1"):
+            calls = world.fake(name).paces
+            assert {call for call, _ in calls} == {"reload", "warmup"}
+            assert {pace for _, pace in calls} == {"1/3"}, calls
+
+    run(main)
+
+
+@pytest.mark.parametrize("rollout", [{"strategy": "in_place"}, {"pace_run_ms": 0}], ids=["in_place", "pacing off"])
+def test_no_pacing_for_a_worker_in_rotation_or_when_turned_off(tmp_path: Path, rollout: dict[str, Any]) -> None:
+    world = World(tmp_path, **rollout)
+
+    async def main() -> None:
+        async with world.running():
+            world.disk.versions[2] = PB
+            world.poll()
+            await world.until(lambda: len(world.controller.history) == 2)
+        assert {pace for name in ("w0", "w1") for _, pace in world.fake(name).paces} == {None}
+
+    run(main)
+
+
 def test_in_place_loads_while_in_rotation(tmp_path: Path) -> None:
     world = World(tmp_path, strategy="in_place")
 
@@ -407,13 +444,13 @@ def test_failure_after_the_switch_is_retried_not_rolled_back(tmp_path: Path) -> 
             failures = [RuntimeError("boom")]
             original = world.fake("w1").reload
 
-            async def flaky(request: Any, timeout: float) -> Any:
+            async def flaky(request: Any, timeout: float, pace: str | None = None) -> Any:
                 # Only the unload step, after the switch, fails (once).
                 if failures and [c.model_version_policy.specific.versions for c in
                                  request.config.model_config_list.config] == [[2]]:
                     assert world.controller.rollout is not None and world.controller.rollout.switched
                     raise failures.pop()
-                return await original(request, timeout)
+                return await original(request, timeout, pace)
 
             world.fake("w1").reload = flaky  # type: ignore[method-assign]
             world.disk.versions[2] = PB
