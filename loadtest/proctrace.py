@@ -55,6 +55,7 @@ class Usage:
 
 
 _TICK = 1.0 / os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def role_of(pid: int, tid: int, comm: str) -> str:
@@ -114,6 +115,15 @@ def process_ticks(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * _TICK
 
 
+def resident_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (``/proc/PID/statm``); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def others_ticks(exclude: set[int]) -> float:
     """User + system CPU seconds of every process of the machine but ``exclude`` (kernel threads too)."""
     total = 0.0
@@ -154,6 +164,7 @@ class ProcTrace:
         self.samples: list[Sample] = []
         self.machine: list[tuple[float, ...]] = []  # read_machine() at each sample
         self.totals: list[dict[str, tuple[int, float]]] = []  # per sample: label -> (pid, process CPU s)
+        self.rss: list[dict[str, int]] = []  # per sample: label -> resident bytes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -168,6 +179,7 @@ class ProcTrace:
         if len(self.samples) % OTHERS_EVERY == 1 or not self.totals:
             totals["others"] = (0, others_ticks(set(processes.values())))
         self.totals.append(totals)
+        self.rss.append({label: resident_bytes(pid) for label, pid in processes.items()})
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -246,7 +258,8 @@ class ProcTrace:
     def dump(self) -> dict[str, Any]:
         """Every sample as arrays, for a closer look later: ``time`` (end of each interval), and per
         ``label/role``: ``cpu``, ``wait``, ``sys`` (seconds in the interval), ``faults``; per machine
-        state (``machine/idle`` ...) and process total (``total/LABEL``) likewise."""
+        state (``machine/idle`` ...) and process total (``total/LABEL``) likewise; ``rss/LABEL``:
+        resident bytes at each sample."""
         import numpy as np
 
         keys = sorted({(label, role) for _, procs in self.samples for label, threads in procs.items()
@@ -260,6 +273,8 @@ class ProcTrace:
             out[f"{label}/{role}/faults"] = np.array([u.minor_faults + u.major_faults for u in rows])
         for k, name in enumerate(MACHINE_FIELDS):
             out[f"machine/{name}"] = np.diff(np.array([m[k] for m in self.machine]))
+        for label in sorted({label for r in self.rss for label in r}):
+            out[f"rss/{label}"] = np.array([r.get(label, 0) for r in self.rss[1:]], dtype=np.int64)
         labels = sorted({label for t in self.totals for label in t})
         for label in labels:
             values = [t.get(label, (0, math.nan)) for t in self.totals]

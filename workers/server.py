@@ -15,7 +15,7 @@ default, by running TF inline on the event loop, one call at a time.
 Loading, unloading and warm-up run on the load thread, which runs under
 SCHED_IDLE: it gets only the CPU time serving leaves unused.  A ReloadConfig
 or warm-up call carrying ``x-tfs-router-pace: RUN_MS/PAUSE_MS`` (the router
-took this worker out of rotation) runs with the whole process paced to short
+took this worker out of rotation) runs with those threads paced to short
 bursts (``workers.pacer``), so that the conversion never holds the serving
 workers back.  A Predict call
 carrying the metadata ``x-tfs-router-warmup: 1`` is the router warming a
@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -158,18 +158,18 @@ class WorkerServices:
 
     # -- PredictionService ---------------------------------------------------
 
-    @contextlib.contextmanager
-    def _paced(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _paced(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         cycle = _pace(context) if self.pacer is not None else None
         if cycle is None or self.pacer is None:
             yield
             return
-        with self.pacer.pacing(*cycle):
+        async with self.pacer.pacing(*cycle):
             yield
 
     async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         if _is_warmup(context):
-            with self._paced(context):
+            async with self._paced(context):
                 return await self._warmup(request)
         spec = request.model_spec
         self._journal.client_started()
@@ -260,7 +260,7 @@ class WorkerServices:
         if request.config.WhichOneof("config") != "model_config_list":
             raise InvalidArgument("ServerConfig must contain a model_config_list")
         try:
-            with self._paced(context):
+            async with self._paced(context):
                 await self.manager.reload(request.config)
         except ServingError as exc:
             response.status.error_code = CODE_NUMBER[exc.code]  # type: ignore[assignment]

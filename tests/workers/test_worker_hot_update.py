@@ -240,17 +240,18 @@ def test_empty_specific_list_unloads_every_version(worker: WorkerProcess, model_
     assert_only_the_load_thread_is_idle(worker.proc.pid)
 
 
-def reload_watching_state(worker: WorkerProcess, base: Path, versions: list[int],
+def reload_watching_holds(worker: WorkerProcess, base: Path, versions: list[int],
                           metadata: tuple[tuple[str, str], ...] = ()) -> tuple[Any, set[str]]:
-    """A reload, and the process states (/proc/PID/stat: R, S, T ...) seen while it ran."""
+    """A reload, and the names of the worker's threads seen held by its pacer while it ran."""
     seen: set[str] = set()
     done = threading.Event()
+    pid = worker.proc.pid
 
     def watch() -> None:
-        path = Path(f"/proc/{worker.proc.pid}/stat")
         while not done.is_set():
-            stat = path.read_text()
-            seen.add(stat[stat.rfind(")") + 2])
+            for task in tasks(pid):
+                if pacer.held(pid, task.tid):
+                    seen.add(task.comm)
             time.sleep(0.0002)
 
     watcher = threading.Thread(target=watch)
@@ -267,25 +268,25 @@ def reload_watching_state(worker: WorkerProcess, base: Path, versions: list[int]
     return response, seen
 
 
-def test_a_reload_the_router_asks_to_pace_runs_in_bursts_and_serves_at_full_speed_after(
+def test_a_reload_the_router_asks_to_pace_holds_only_the_load_threads_and_none_after(
         worker: WorkerProcess, model_root: Path) -> None:
     base = model_root / "ctr"
     assert reload(worker, base, [1]).status.error_code == 0
-    # Unpaced: the worker never stops.
-    response, seen = reload_watching_state(worker, base, [2])
-    assert response.status.error_code == 0 and "T" not in seen, seen
-    # Paced (the router took it out of rotation): stopped between bursts.
-    response, seen = reload_watching_state(worker, base, [1], ((pacer.METADATA_KEY, "1/3"),))
-    assert response.status.error_code == 0 and "T" in seen, seen
+    # Unpaced: no thread is ever held.
+    response, seen = reload_watching_holds(worker, base, [2])
+    assert response.status.error_code == 0 and not seen, seen
+    # Paced (the router took it out of rotation): the load thread runs in bursts, nothing else is touched.
+    response, seen = reload_watching_holds(worker, base, [1], ((pacer.METADATA_KEY, "1/3"),))
+    assert response.status.error_code == 0 and seen and all(name.startswith("load") for name in seen), seen
     assert statuses(worker)[1].state == State.AVAILABLE
-    _, after = reload_watching_state(worker, base, [1])  # nothing to do, and no stop left over
-    assert "T" not in after
+    pid = worker.proc.pid
+    assert not [t for t in tasks(pid) if pacer.held(pid, t.tid)]  # pacing ended with the call
     stub = prediction_service_pb2_grpc.PredictionServiceStub(worker.channel)
     request = predict_request("ctr", example_inputs(4, vocab=TEST_VOCAB))
     assert stub.Predict(request, timeout=30).model_spec.version.value == 1
     # A malformed request to pace is ignored: the reload runs unpaced.
-    response, seen = reload_watching_state(worker, base, [2], ((pacer.METADATA_KEY, "fast"),))
-    assert response.status.error_code == 0 and "T" not in seen
+    response, seen = reload_watching_holds(worker, base, [2], ((pacer.METADATA_KEY, "fast"),))
+    assert response.status.error_code == 0 and not seen
     assert reload(worker, base, [1]).status.error_code == 0
     assert_only_the_load_thread_is_idle(worker.proc.pid)
 
