@@ -30,10 +30,7 @@ all read; every phase change is logged and kept in its ``events``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -600,11 +597,6 @@ class Controller:
         if isinstance(exc, TimeoutError):
             message = f"no answer within rollout.load_timeout_s ({self.settings.load_timeout_s:.0f}s)"
         restarted = b.generation != generation or isinstance(exc, (TransportError, sync.WorkerRestarted))
-        if b.pid is not None:
-            # A spawned worker whose pacer died while it was stopped between bursts would
-            # never answer again: whatever failed, it runs on (a running process ignores this).
-            with contextlib.suppress(OSError):
-                os.kill(b.pid, signal.SIGCONT)
         if not restarted:
             b.state = DRAINED  # out of rotation until a step succeeds
         self._event(b, "failed", message)
