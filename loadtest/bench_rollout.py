@@ -3,6 +3,7 @@
     python -m loadtest.bench_rollout [--rounds 5] [--seconds 30] [--load 0.5 | --rate R]
                                      [--scenario staged|in_place|staged+jemalloc|staged+overlap]
                                      [--model-dir DIR] [--vocab 940000] [--set KEY=VALUE ...]
+                                     [--drain-only SECONDS] [--perf-sched DIR]
 
 One router (2 spawned workers, ``poll_interval_s: 0.5``, batching at its
 defaults) serves a ~300 MB CTR model (``workers.demo_model``, 5 embedding
@@ -41,6 +42,14 @@ control p999, beside the CPU every process used in it (``loadtest.proctrace``:
 per thread, from ``/proc``), against what the same process used in the
 control run, and how long the serving worker's and the router's event-loop
 threads waited for a CPU.
+
+Two diagnostics: ``--drain-only S`` makes every "update" run take a worker
+out of rotation for S seconds through the admin API and put it back, with
+no version change (what a pool one worker short costs, apart from the
+conversion); ``--perf-sched DIR`` records the whole machine's scheduler
+(``perf sched record``) during each update run, for ``perf sched latency``.
+``--set rollout.pace_run_ms=0`` turns the pacing of conversions off (the
+"before" of the README's attribution).
 
 Prints progress on stderr; on stdout the config, a table per round, the
 segment table, the client's lateness, the path of a PNG
