@@ -32,16 +32,19 @@ from router.batcher import Batcher
 from router.config import Config, ConfigError, ModelConfig, asdict_lists, from_dict
 from router.control.canary import CanaryController
 from router.control.passive import PassiveSync
-from router.control.registry import Registry
+from router.registry import Registry
 from router.control.rollout import Controller
 from router.control.source import VersionSource
 from router.dataplane import DataPlane
+from router.dispatch import Dispatcher
 from router.discovery import Discovery, Resolver, parse as parse_dns, system_resolver
 from router.frontends.admin import AdminFrontend, admin_token
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
-from router.pool import DEAD, DRAINING, READY, STARTING, Backend, GrpcTransport, Pool
+from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
+from router.transport import Transport, connect
+from shared import frames
 from workers import supervisor as sup
 
 log = logging.getLogger("router.app")
@@ -88,10 +91,10 @@ class App:
         self.stats = VersionStats()
         self.registry.on_route = self.metrics.routing_fallback
         self.canary = CanaryController(config, self.registry, self.controller, self.stats, self.metrics)
-        self.dataplane = DataPlane(self.registry, self.pool, on_retry=self.metrics.retried,
+        self.dispatcher = Dispatcher(self.pool, on_retry=self.metrics.retried)
+        self.batcher = Batcher(self.pool, self.dispatcher, self.metrics)
+        self.dataplane = DataPlane(self.registry, self.pool, self.dispatcher, batcher=self.batcher,
                                    on_answer=self._answered)
-        self.batcher = Batcher(self.pool, self.dataplane.dispatch, self.metrics)
-        self.dataplane.batcher = self.batcher
         def label(model: str) -> str:
             return model if self.config.model(model) is not None else "_unknown"
 
@@ -199,7 +202,7 @@ class App:
             count, self._socket_dir, numa=w.numa, sysfs_root=w.sysfs_root,
             cpus_per_worker=w.cpus_per_worker, intra_op_threads=w.intra_op_threads,
             inter_op_threads=w.inter_op_threads, predict_threads=w.predict_threads,
-            allocator=w.allocator,
+            allocator=w.allocator, frames=w.transport != "grpc",
             extra_args=("--parent-pid", str(os.getpid()), "--nice", str(w.nice)),
         )
 
@@ -272,8 +275,7 @@ class App:
     async def _drain_and_drop(self, backend: Backend) -> None:
         """Out of rotation, let its in-flight requests finish, then forget it."""
         self.controller.worker_lost(backend, "left DNS")
-        backend.state = DRAINING
-        self.pool.fail_waiters()
+        self.pool.set_state(backend, DRAINING)
         self._publish_states()
         await self.pool.wait_idle(backend, self.config.rollout.drain_timeout_s)
         self._by_index.pop(backend.index, None)
@@ -337,14 +339,22 @@ class App:
 
     # -- worker events ---------------------------------------------------------
 
+    def _transport(self, backend: Backend) -> Transport:
+        """How the router reaches this worker (``router.transport``): its own spawned workers
+        take Predict over frames unless ``workers.transport: grpc``; everything else gRPC."""
+        w = self.config.workers
+        if w.mode == "spawn" and w.transport != "grpc":
+            return connect(backend.name, backend.address, "frames", frames.socket_for(backend.address))
+        return connect(backend.name, backend.address)
+
     def _connect(self, backend: Backend, pid: int | None = None) -> None:
         old = backend.transport
         if old is not None:
             self._spawn(old.close(), f"close-{backend.name}")
         backend.generation += 1
-        backend.transport = GrpcTransport(backend.address)
-        backend.state = STARTING
+        backend.transport = self._transport(backend)
         backend.versions = {}
+        self.pool.set_state(backend, STARTING)
         backend.warm = {}
         backend.pid = pid
         self._health_failures[backend.name] = 0
@@ -373,12 +383,11 @@ class App:
     def _mark_dead(self, backend: Backend, why: str) -> None:
         if not self._stopping:
             self.controller.worker_lost(backend, why)
-        backend.state = DEAD
         backend.versions = {}
         backend.warm = {}
         backend.pid = None
         backend.generation += 1
-        self.pool.fail_waiters()
+        self.pool.set_state(backend, DEAD)
         self._publish_states()
 
     async def _health_loop(self) -> None:

@@ -32,18 +32,15 @@ from dataclasses import dataclass, field
 
 from protos import predict_pb2
 from router.config import BatchingConfig
-from shared.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServingError
+from shared.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, ServingError
 from router.metrics import Metrics
-from router.pool import Backend, Pool, Transport, TransportError
+from router.dispatch import Dispatcher, predict_call
+from router.pool import Backend, Pool
 from router.wire.concat import concat_into, pad_to, split_into
 
 log = logging.getLogger("router.batcher")
 
 FULL, SLOT_FREED, TIMEOUT = "full", "slot_freed", "timeout"
-
-Dispatch = Callable[[str, int, Callable[[Transport, float], Awaitable[predict_pb2.PredictResponse]], float,
-                     Backend | None], Awaitable[predict_pb2.PredictResponse]]
-
 
 ALL_VERSIONS = -1  # a lane (model, ALL_VERSIONS): the model's batches of every version
 
@@ -151,10 +148,10 @@ class BatchQueue:
 
 
 class Batcher:
-    def __init__(self, pool: Pool, dispatch: Dispatch, metrics: Metrics,
+    def __init__(self, pool: Pool, dispatcher: Dispatcher, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
-        self._dispatch = dispatch
+        self.dispatcher = dispatcher
         self.metrics = metrics
         self._clock = clock
         self._queues: dict[BatchKey, BatchQueue] = {}
@@ -302,39 +299,35 @@ class Batcher:
         padded = pad_to(total, settings.allowed_batch_sizes)
         self.metrics.observe_batch(key.model, total, len(batch), padded - total, trigger,
                                    [now - item.enqueued for item in batch])
-        outcome = "ok"
+        isolate = False
         try:
-            request = self._assemble(key, batch, settings)
-            assert backend.transport is not None
-            deadline = max(item.deadline for item in batch)
-            response = await backend.transport.predict(request, max(0.001, deadline - self._clock()))
+            try:
+                request = self._assemble(key, batch, settings)
+            except BaseException:
+                self.pool.release(backend, key.model)
+                raise
+            # On the slot already taken; the dispatcher gives it back, and resends the batch
+            # once elsewhere if the worker dies or drops the version under it.
+            response = await self.dispatcher.send(key.model, key.version, predict_call(request),
+                                                  max(item.deadline for item in batch), backend=backend)
             self._deliver(batch, response)
         except InvalidArgument as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
             else:
-                outcome = "isolate"
-        except (TransportError, NotFound) as exc:
-            # The worker died, or dropped the version, under the batch: once more elsewhere.
-            outcome = "resend_missing" if isinstance(exc, NotFound) else "resend"
+                isolate = True
         except ServingError as exc:
             _fail(batch, exc)
         except Exception as exc:  # never leave members waiting out their deadlines
             log.exception("batch of %s failed unexpectedly", key.model)
             _fail(batch, Internal(f"{type(exc).__name__}: {exc}"))
         finally:
-            self.pool.release(backend, key.model)
             self._sent[lane].remove(sent)
             self._batch_done[lane].set()
-        if outcome == "isolate":
+        if isolate:
             # One bad request must not fail the others: each member alone.
             self.metrics.retried(key.model, "batch_invalid_argument")
-            await asyncio.gather(*(self._send(key, settings, [item], None) for item in batch))
-        elif outcome in ("resend", "resend_missing"):
-            self.metrics.retried(key.model, "worker_unavailable")
-            if outcome == "resend_missing":
-                await self.pool.version_missing(backend, key.model, key.version)
-            await self._send(key, settings, batch, backend)
+            await asyncio.gather(*(self._send(key, settings, item) for item in batch))
 
     def _room(self, lane: tuple[str, int], settings: BatchingConfig, now: float, version: int,
               since: float) -> float:
@@ -412,26 +405,19 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(out)
 
-    async def _send(self, key: BatchKey, settings: BatchingConfig, batch: list[Pending],
-                    exclude: Backend | None) -> None:
-        """Send (part of) a batch through the ordinary dispatch path, with its retry."""
-        live = [item for item in batch if not item.future.done()]
-        if not live:
+    async def _send(self, key: BatchKey, settings: BatchingConfig, item: Pending) -> None:
+        """One member of a rejected batch, alone, through the dispatcher (with its retry)."""
+        if item.future.done():
             return
         try:
-            request = self._assemble(key, live, settings)
-
-            async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
-                return await transport.predict(request, timeout)
-
-            response = await self._dispatch(key.model, key.version, call,
-                                            max(item.deadline for item in live), exclude)
-            self._deliver(live, response)
+            request = self._assemble(key, [item], settings)
+            response = await self.dispatcher.send(key.model, key.version, predict_call(request), item.deadline)
+            self._deliver([item], response)
         except ServingError as exc:
-            _fail(live, exc)
+            _fail([item], exc)
         except Exception as exc:
-            log.exception("resending a batch of %s failed unexpectedly", key.model)
-            _fail(live, Internal(f"{type(exc).__name__}: {exc}"))
+            log.exception("sending a request of %s alone failed unexpectedly", key.model)
+            _fail([item], Internal(f"{type(exc).__name__}: {exc}"))
 
     async def close(self) -> None:
         for task in [*self._runners.values(), *self._tasks]:

@@ -70,6 +70,9 @@ class WorkersConfig:
     dns_refresh_s: float = 5.0
     dns_drop_after: int = 2  # a dns: address missing from this many successful lookups in a row is dropped
     socket_dir: str = ""  # spawn: where the Unix sockets live (default: a private temp dir)
+    # How the router sends Predict calls to workers: auto (frames to spawned workers,
+    # gRPC to static ones), grpc (TF Serving's API everywhere), frames (spawned only).
+    transport: str = "auto"
     numa: bool = True  # pin each worker to one NUMA node's CPUs and memory
     sysfs_root: str = "/sys/devices/system/node"
     cpus_per_worker: int = 0  # 0: a node's workers share all its CPUs; N: each worker its own N CPUs
@@ -414,6 +417,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("workers.count: must be at least 1")
     if w.mode == "static" and not w.addresses:
         raise ConfigError("workers.addresses: static mode needs at least one address")
+    if w.transport not in ("auto", "grpc", "frames"):
+        raise ConfigError(f"workers.transport: {w.transport!r} (use auto, grpc or frames)")
+    if w.transport == "frames" and w.mode != "spawn":
+        raise ConfigError("workers.transport: frames needs workers.mode: spawn (static and dns: workers "
+                          "are TF Serving servers, reached over gRPC); use auto or grpc")
     if w.control not in ("active", "passive"):
         raise ConfigError(f"workers.control: {w.control!r} (use active or passive)")
     if w.control == "passive" and w.mode != "static":

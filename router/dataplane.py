@@ -3,28 +3,30 @@
 A Predict is resolved to a version (TF Serving's rules, over the pool),
 validated against that version's cached signature (so bad input never costs
 a worker anything), normalized (explicit version, resolved signature name,
-inputs serialized in sorted order by the transport) and dispatched to a
-worker slot with the caller's remaining deadline.  A request whose worker
-dies or turns out not to hold the version any more is retried once on
-another worker; every other error goes back to the client as the worker said
-it.
+inputs serialized in sorted order by the transport) and handed to the
+batcher, or sent alone (``router.dispatch``: a worker slot, the caller's
+remaining deadline, one retry elsewhere if the worker fails under it).  A
+request whose version the router chose and which then left the pool goes
+to the version it would get now, once.  Calls only go down: frontends ->
+dataplane -> batcher -> dispatch -> pool -> transport.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
+from typing import NamedTuple
 
 from google.protobuf import any_pb2
 
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
 from router.batcher import BatchKey, Batcher
-from router.control.registry import Registry, VersionWithdrawn
+from router.registry import Registry, VersionWithdrawn
 from router.traffic import Headers
-from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError, Unavailable
-from router.pool import Backend, Pool, Transport, TransportError
+from shared.errors import InvalidArgument, ServingError, Unavailable
+from router.dispatch import Dispatcher, predict_call, raw_call
+from router.pool import ANY_VERSION, Pool
 from router.wire.concat import batch_rows
 from shared.tensor import num_elements
 from shared.signature import Signature, find_signature
@@ -33,20 +35,25 @@ log = logging.getLogger("router.dataplane")
 
 SIGNATURE_DEF_MAP_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
 
-T = TypeVar("T")
-RetryHook = Callable[[str, str], None]
-
+# The pool's slots of MultiInference calls (which name their models in their tasks) count under this name.
+MULTI_INFERENCE = ""
 
 AnswerHook = Callable[[str, int, str, float], None]  # model, version, code, seconds
 
 
+class Resolved(NamedTuple):
+    version: int
+    signature: Signature
+    chosen_by_router: bool  # the client named no version: the router chose it
+
+
 class DataPlane:
-    def __init__(self, control: Registry, pool: Pool, *, on_retry: RetryHook | None = None,
+    def __init__(self, control: Registry, pool: Pool, dispatcher: Dispatcher, *, batcher: Batcher | None = None,
                  on_answer: AnswerHook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
         self.pool = pool
-        self.batcher: Batcher | None = None  # set by the composition root
-        self._on_retry = on_retry or (lambda model, reason: None)
+        self.dispatcher = dispatcher
+        self.batcher = batcher
         # Every Predict answered, with the version that answered (or was chosen):
         # per-version metrics and the canary analysis read these.
         self.on_answer = on_answer or (lambda model, version, code, seconds: None)
@@ -59,21 +66,27 @@ class DataPlane:
         meta = self.control.metadata(spec.name, version)
         return version, find_signature(meta.signatures, spec.signature_name)
 
+    def resolve(self, spec: model_pb2.ModelSpec, headers: Headers | None = None) -> Resolved:
+        """The version and signature a request for ``spec`` gets now (from the caches, no I/O)."""
+        version, sig = self.signature(spec, headers)
+        return Resolved(version, sig, spec.WhichOneof("version_choice") is None)
+
     async def predict(self, request: predict_pb2.PredictRequest, deadline: float, headers: Headers | None = None,
-                      routed: bool = False) -> predict_pb2.PredictResponse:
+                      resolved: Resolved | None = None) -> predict_pb2.PredictResponse:
         """Answer a Predict.
 
         ``headers``: the request's headers or gRPC metadata, for the model's
-        routing rules and sticky split.  ``routed``: the request's version was
-        chosen by the router (the REST front resolves it first), not named by
-        the client.
+        routing rules and sticky split.  ``resolved``: what ``resolve`` gave
+        for this request already (the REST front needs the signature to parse
+        the body), so it is not resolved twice.
         """
         spec = request.model_spec
-        chosen_by_router = routed or spec.WhichOneof("version_choice") is None
         start = self._clock()
         version: int | None = None
         try:
-            version, sig = self.signature(spec, headers)
+            if resolved is None:
+                resolved = self.resolve(spec, headers)
+            version, sig, chosen_by_router = resolved
             try:
                 response = await self._predict(request, version, sig, deadline)
             except (VersionWithdrawn, Unavailable) as exc:
@@ -88,7 +101,7 @@ class DataPlane:
                 version, sig = self.signature(spec, headers)
                 if version == first and not isinstance(exc, VersionWithdrawn):
                     raise
-                self._on_retry(spec.name, "version_withdrawn")
+                self.dispatcher.on_retry(spec.name, "version_withdrawn")
                 response = await self._predict(request, version, sig, deadline)
         except ServingError as exc:
             if version is not None:
@@ -122,51 +135,7 @@ class DataPlane:
                     ), plan.outputs)
                 return await self.batcher.submit(key, settings, request, rows, deadline)
 
-        async def call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
-            return await transport.predict(request, timeout)
-
-        return await self.dispatch(spec.name, version, call, deadline)
-
-    async def dispatch(
-        self, model: str, version: int, call: Callable[[Transport, float], Awaitable[T]], deadline: float,
-        exclude: Backend | None = None,
-    ) -> T:
-        """Run ``call`` on a worker slot; one retry elsewhere if the worker fails under it.
-
-        ``exclude``: a worker that already failed this request (the batcher's resend).
-        """
-        for attempt in (0, 1):
-            backend = await self.pool.acquire(model, version, deadline, exclude)
-            missing: NotFound | None = None
-            try:
-                timeout = deadline - self._clock()
-                if timeout <= 0:
-                    raise DeadlineExceeded("deadline exceeded before the request reached a worker")
-                assert backend.transport is not None
-                return await call(backend.transport, timeout)
-            except TransportError:
-                if attempt or not self._others(model, version, backend):
-                    raise
-                self._on_retry(model, "worker_unavailable")
-                log.warning("worker %s failed under a request; retrying elsewhere", backend.name)
-            except NotFound as exc:
-                missing = exc  # the worker dropped the version between the router's view and the call
-            finally:
-                self.pool.release(backend, model)
-            if missing is not None:
-                await self.pool.version_missing(backend, model, version)  # the view brought up to date
-                if attempt or not self._others(model, version, backend):
-                    if isinstance(missing, VersionWithdrawn):
-                        raise missing
-                    # It left the pool (a worker that manages its own versions unloaded it):
-                    # a request the router chose the version for goes to the version it would get now.
-                    raise VersionWithdrawn(missing.message) from missing
-                self._on_retry(model, "version_moved")
-            exclude = backend
-        raise Unavailable("unreachable")  # pragma: no cover - the loop returns or raises
-
-    def _others(self, model: str, version: int, backend: Backend) -> bool:
-        return any(b is not backend for b in self.pool.holders(model, version))
+        return await self.dispatcher.send(spec.name, version, predict_call(request), deadline)
 
     def metadata(self, request: metadata_pb2.GetModelMetadataRequest) -> metadata_pb2.GetModelMetadataResponse:
         fields = list(request.metadata_field)
@@ -199,17 +168,10 @@ class DataPlane:
         except Exception as exc:
             raise InvalidArgument(f"cannot parse request: {exc}") from exc
         version = self.control.resolve(spec)
-
-        async def call(transport: Transport, timeout: float) -> bytes:
-            return await transport.raw(method, body, timeout)
-
-        return await self.dispatch(spec.name, version, call, deadline)
+        return await self.dispatcher.send(spec.name, version, raw_call(method, body), deadline)
 
     async def forward_any(self, method: str, body: bytes, deadline: float) -> bytes:
-        """MultiInference: its tasks may name several models; any ready worker answers."""
-        ready = [b for b in self.pool.backends if b.routable]
-        if not ready:
-            raise Unavailable("no ready worker")
-        backend = min(ready, key=lambda b: b.inflight)
-        assert backend.transport is not None
-        return await backend.transport.raw(method, body, max(0.001, deadline - self._clock()))
+        """MultiInference: its tasks may name several models; any worker in rotation answers,
+        through a pool slot like every other call (counted, drained, retried once)."""
+        return await self.dispatcher.send(MULTI_INFERENCE, ANY_VERSION, raw_call(method, body), deadline)
+

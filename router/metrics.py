@@ -43,6 +43,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from router.pool import STATES
+
 __all__ = [
     "CONTENT_TYPE",
     "STATES",
@@ -82,7 +84,6 @@ _TF_LE: tuple[str, ...] = tuple(f"{b:g}" for b in TF_LATENCY_BOUNDS_US) + ("+Inf
 _TF_APIS = frozenset({"Predict", "Classify", "Regress"})
 _ENTRYPOINT = {"grpc": "GRPC", "rest": "REST"}
 
-STATES: tuple[str, ...] = ("starting", "loading", "warming", "ready", "draining", "unloading", "drained", "dead")
 TRIGGERS: tuple[str, ...] = ("full", "slot_freed", "timeout")
 _STATE_SET = frozenset(STATES)
 
@@ -330,6 +331,7 @@ class Metrics:
         self._current_state: dict[str, str] = {}
         self._restart_children: dict[str, Counter] = {}
         self._retry_children: dict[tuple[str, str], Counter] = {}
+        self._admitted_children: dict[tuple[str, str, bool], Counter] = {}
         self._shed_children: dict[tuple[str, str], Counter] = {}
         self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Counter]] = {}
         self._batches_children: dict[tuple[str, str], Counter] = {}
@@ -511,7 +513,11 @@ class Metrics:
         latency.observe(seconds)
 
     def admitted(self, tenant: str, model: str, waited: bool) -> None:
-        self._admitted.labels(tenant, model, "yes" if waited else "no").inc()
+        key = (tenant, model, waited)
+        child = self._admitted_children.get(key)
+        if child is None:
+            child = self._admitted_children[key] = self._admitted.labels(tenant, model, "yes" if waited else "no")
+        child.inc()
 
     def quota_shed(self, tenant: str, model: str, reason: str) -> None:
         self._quota_shed.labels(tenant, model, reason).inc()

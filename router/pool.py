@@ -8,9 +8,10 @@ holds (and has warmed) and how many requests it has in flight.  Only a
     draining   taken out of rotation, waiting for its in-flight calls
     loading / warming / unloading   a control-plane step runs on it
     drained    out of rotation on an operator's request, idle
-    dead       exited or failed its health checks  All calls to it go through a ``Transport``: the real one
-speaks TF Serving's gRPC API over a grpc.aio channel (Unix socket or TCP);
-tests may substitute a fake here and only here.
+    dead       exited or failed its health checks
+
+``Pool.set_state`` is the one way a worker's state changes.  All calls to a
+worker go through its ``Transport`` (``router.transport``).
 
 The ``Pool`` hands out worker slots: a request takes a slot on a ready worker
 that holds its version (power of two choices among those with a free slot) or
@@ -27,149 +28,20 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
-
-from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
+from protos import status_pb2
 from router.balancer import pick_two
-from shared.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable, from_code
+from router.transport import Transport
+from shared.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 
 log = logging.getLogger("router.pool")
 
 STARTING, LOADING, WARMING, READY = "starting", "loading", "warming", "ready"
 DRAINING, UNLOADING, DRAINED, DEAD = "draining", "unloading", "drained", "dead"
 STATES = (STARTING, LOADING, WARMING, READY, DRAINING, UNLOADING, DRAINED, DEAD)
-
-MAX_MESSAGE_BYTES = 2**31 - 1
-# Control-plane calls the project's worker keeps out of its client counts (and
-# runs on its idle-priority load thread); any other TF Serving server ignores the key.
-CONTROL_METADATA = WARMUP_METADATA = (("x-tfs-router-warmup", "1"),)
-# On a reload or warm-up of a worker out of rotation: "RUN_MS/PAUSE_MS", the
-# project's worker converts in bursts that short (workers/pacer.py).
-PACE_KEY = "x-tfs-router-pace"
-
-
-def _paced(metadata: tuple[tuple[str, str], ...], pace: str | None) -> tuple[tuple[str, str], ...] | None:
-    if pace is None:
-        return metadata or None
-    return (*metadata, (PACE_KEY, pace))
-
-
-class TransportError(Unavailable):
-    """The worker could not be reached or went away mid-call: safe to retry elsewhere."""
-
-
-class Transport(Protocol):
-    async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
-    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
-                     pace: str | None = None) -> predict_pb2.PredictResponse: ...
-    async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse: ...
-    async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse: ...
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
-                     pace: str | None = None) -> config_pb2.ReloadConfigResponse: ...
-    async def raw(self, method: str, body: bytes, timeout: float) -> bytes: ...
-    async def healthy(self, timeout: float) -> bool: ...
-    async def close(self) -> None: ...
-
-
-def _deterministic(message: Any) -> bytes:
-    # Sorted map keys: the inputs map reaches the worker in one canonical order.
-    data: bytes = message.SerializeToString(deterministic=True)
-    return data
-
-
-class GrpcTransport:
-    """TF Serving's gRPC API over one grpc.aio channel."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.enable_retries", 0),
-                # A restarted worker gets a fresh channel; a shared subchannel
-                # would still be in the dead worker's reconnect backoff.
-                ("grpc.use_local_subchannel_pool", 1),
-            ],
-        )
-        ch = self.channel
-        self._predict = ch.unary_unary("/tensorflow.serving.PredictionService/Predict",
-                                       _deterministic, predict_pb2.PredictResponse.FromString)
-        self._metadata = ch.unary_unary("/tensorflow.serving.PredictionService/GetModelMetadata",
-                                        _deterministic, metadata_pb2.GetModelMetadataResponse.FromString)
-        self._status = ch.unary_unary("/tensorflow.serving.ModelService/GetModelStatus",
-                                      _deterministic, status_pb2.GetModelStatusResponse.FromString)
-        self._reload = ch.unary_unary("/tensorflow.serving.ModelService/HandleReloadConfigRequest",
-                                      _deterministic, config_pb2.ReloadConfigResponse.FromString)
-        from grpc_health.v1 import health_pb2
-
-        self._health_req = health_pb2.HealthCheckRequest(service="")
-        self._serving = health_pb2.HealthCheckResponse.SERVING
-        self._health = ch.unary_unary("/grpc.health.v1.Health/Check",
-                                      health_pb2.HealthCheckRequest.SerializeToString,
-                                      health_pb2.HealthCheckResponse.FromString)
-
-    async def _call(self, stub: Any, request: Any, timeout: float, wait: bool = False,
-                    metadata: tuple[tuple[str, str], ...] | None = None) -> Any:
-        try:
-            return await stub(request, timeout=timeout, wait_for_ready=wait, metadata=metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
-
-    async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
-        result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout)
-        return result
-
-    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
-                     pace: str | None = None) -> predict_pb2.PredictResponse:
-        result: predict_pb2.PredictResponse = await self._call(self._predict, request, timeout,
-                                                               metadata=_paced(WARMUP_METADATA, pace))
-        return result
-
-    async def metadata(self, request: metadata_pb2.GetModelMetadataRequest, timeout: float) -> metadata_pb2.GetModelMetadataResponse:
-        # Only the control plane asks (the data plane answers from its cache): marked like warm-up calls.
-        result: metadata_pb2.GetModelMetadataResponse = await self._call(self._metadata, request, timeout, True,
-                                                                         metadata=CONTROL_METADATA)
-        return result
-
-    async def status(self, request: status_pb2.GetModelStatusRequest, timeout: float) -> status_pb2.GetModelStatusResponse:
-        result: status_pb2.GetModelStatusResponse = await self._call(self._status, request, timeout, True)
-        return result
-
-    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
-                     pace: str | None = None) -> config_pb2.ReloadConfigResponse:
-        # Control-plane calls wait for the connection (a worker that just started).
-        result: config_pb2.ReloadConfigResponse = await self._call(self._reload, request, timeout, True,
-                                                                   metadata=_paced((), pace))
-        return result
-
-    async def raw(self, method: str, body: bytes, timeout: float) -> bytes:
-        result: bytes = await self._call(self.channel.unary_unary(method), body, timeout)
-        return result
-
-    async def healthy(self, timeout: float) -> bool:
-        try:
-            resp = await self._health(self._health_req, timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(resp.status == self._serving)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-def _translate(exc: grpc.aio.AioRpcError) -> ServingError:
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE or (
-        code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-        and ("Socket closed" in details or "Connection reset" in details or "GOAWAY" in details)
-    ):
-        return TransportError(f"worker unavailable: {details}")
-    return from_code(code, details)
-
+# As a version: any worker in rotation takes the call (MultiInference names its models itself).
+ANY_VERSION = -1
 
 # Bumped whenever any backend's state, versions or transport changes, so the
 # per-request view of "which versions are available" is cached between changes.
@@ -207,6 +79,8 @@ class Backend:
     pid: int | None = None
 
     def holds(self, model: str, version: int) -> bool:
+        if version == ANY_VERSION:
+            return True
         status = self.versions.get(model, {}).get(version)
         return status is not None and status.state == status_pb2.ModelVersionStatus.AVAILABLE
 
@@ -283,8 +157,20 @@ class Pool:
 
     def remove(self, backend: Backend) -> None:
         self.backends.remove(backend)
-        backend.state = DEAD
-        self.fail_waiters()
+        self.set_state(backend, DEAD)
+
+    def set_state(self, backend: Backend, state: str) -> None:
+        """The one way a worker's state changes, and what follows from it: a worker that
+        joins the rotation takes the waiters it can serve at once; when one leaves it,
+        waiters that no other worker can serve get UNAVAILABLE instead of waiting out
+        their deadline."""
+        was = backend.routable
+        backend.state = state
+        if backend.routable:
+            if not was:
+                self.wake(backend)
+        elif was or state == DEAD:
+            self.fail_waiters()
 
     async def wait_idle(self, backend: Backend, timeout: float) -> bool:
         """Wait until ``backend`` (already out of rotation) has nothing in flight; False on timeout."""
@@ -311,6 +197,7 @@ class Pool:
         return out
 
     def holders(self, model: str, version: int) -> list[Backend]:
+        """Workers in rotation that hold ``model`` ``version`` (every one for ``ANY_VERSION``)."""
         return [b for b in self.backends if b.routable and b.holds(model, version)]
 
     @property
@@ -339,7 +226,7 @@ class Pool:
         if backend is not None:
             return backend
         if not self.holders(model, version) or (exclude is not None and self.holders(model, version) == [exclude]):
-            raise self.unservable(model, version)
+            raise self._unservable(model, version)
         if self._queued.get(model, 0) >= self.max_queued:
             raise ResourceExhausted(
                 f"router queue for {model} is full ({self.max_queued} requests waiting for a worker)",
@@ -365,6 +252,11 @@ class Pool:
             if isinstance(exc, asyncio.TimeoutError):
                 raise DeadlineExceeded("deadline exceeded while waiting for a worker") from None
             raise
+
+    def _unservable(self, model: str, version: int) -> ServingError:
+        if version == ANY_VERSION:
+            return Unavailable("no worker in rotation")
+        return self.unservable(model, version)
 
     def _dequeued(self, model: str) -> None:
         self._queued[model] -= 1
@@ -415,4 +307,4 @@ class Pool:
                 continue
             if not any(b is not waiter.exclude for b in self.holders(waiter.model, waiter.version)):
                 self._waiters.remove(waiter)
-                waiter.future.set_exception(self.unservable(waiter.model, waiter.version))
+                waiter.future.set_exception(self._unservable(waiter.model, waiter.version))

@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT (port 0 picks a free one)")
+    p.add_argument("--frames-listen", metavar="unix:PATH",
+                   help="also serve Predict over the router's framed protocol on this Unix socket "
+                        "(the router's lean transport to its spawned workers)")
     p.add_argument("--model", action="append", default=[], help="NAME=BASE_PATH (repeatable)")
     p.add_argument("--version-policy", type=parse_policy, default=parse_policy("latest"),
                    help="for --model: latest[:N] (default latest:1), all, specific:V[,V...]")
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             on_bound=on_bound,
             stop=stop,
             pacer=pacer,
+            frames_listen=args.frames_listen,
         )
         if watch is not None:
             watch.cancel()

@@ -48,6 +48,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from protos import prediction_log_pb2, tensor_pb2, types_pb2
+from shared.marks import WARMUP_FILE
 
 ID_FEATURES: tuple[str, ...] = ("user_id", "item_id", "category", "city", "device")
 DENSE_FEATURE = "dense"
@@ -60,7 +61,6 @@ DEFAULT_MODEL_NAME = "ctr"
 DEFAULT_WARMUP_RECORDS = 8
 # TF Serving refuses warm-up files with more records than this.
 MAX_WARMUP_RECORDS = 1000
-WARMUP_RELPATH = Path("assets.extra") / "tf_serving_warmup_requests"
 TF1_INPUT_DIM = 4
 
 SERVING_DEFAULT = "serving_default"
@@ -288,7 +288,7 @@ def warmup_logs(
 
 
 def _write_warmup(version_dir: Path, logs: Sequence[prediction_log_pb2.PredictionLog]) -> None:
-    path = version_dir / WARMUP_RELPATH
+    path = version_dir / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for log in logs:

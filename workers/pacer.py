@@ -51,7 +51,6 @@ from typing import Any
 
 log = logging.getLogger("workers.pacer")
 
-METADATA_KEY = "x-tfs-router-pace"
 # HOLD's handler is libc's sleep(HOLD): a held thread sleeps until LET_GO's handler (which does
 # nothing) interrupts it, or at most SIGUSR1 = 10 seconds if nobody ever lets it go.
 HOLD = signal.SIGUSR1

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,10 +43,12 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
+from shared.marks import PACE_KEY, WARMUP_MARK
 from shared.errors import CODE_NUMBER, Internal, InvalidArgument, ServingError, Unimplemented
 from shared.signature import Signature
 from shared.tensor import fill, to_numpy
 from workers import pacer as pacer_mod
+from workers.frames_server import FramesServer
 from workers.journal import Journal
 from workers.manager import ModelManager
 from workers.pacer import Pacer
@@ -57,7 +61,7 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 WORKER_SERVICE = "tfsrouter.Worker"
 MAX_MESSAGE_BYTES = 2**31 - 1  # TF Serving accepts up to 2 GB
-WARMUP_METADATA = ("x-tfs-router-warmup", "1")
+WARMUP_METADATA = WARMUP_MARK
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -128,7 +132,7 @@ def _is_warmup(context: grpc.aio.ServicerContext) -> bool:
 def _pace(context: grpc.aio.ServicerContext) -> tuple[float, float] | None:
     """The pacing the router asks for on this call (the worker is out of rotation), if any."""
     for key, value in context.invocation_metadata() or ():
-        if key == pacer_mod.METADATA_KEY and isinstance(value, str):
+        if key == PACE_KEY and isinstance(value, str):
             return pacer_mod.parse(value)
     return None
 
@@ -144,6 +148,7 @@ class WorkerServices:
         self._load_executor = load_executor
         self._journal = journal
         self.requests = 0  # client Predict calls answered, warm-up excluded
+        self.requests_by_transport: dict[str, int] = {}  # of those, by the way they came
         self.reload_requests = 0  # HandleReloadConfigRequest calls received
         self._requests_by_version: dict[tuple[str, int], int] = {}
 
@@ -171,24 +176,50 @@ class WorkerServices:
         if _is_warmup(context):
             async with self._paced(context):
                 return await self._warmup(request)
+        return await self.predict(request)
+
+    async def predict(self, request: predict_pb2.PredictRequest, via: str = "grpc") -> predict_pb2.PredictResponse:
+        """A client's Predict, whichever way it came (``via``: grpc, or frames from the router)."""
+        if self._pool is None:
+            # Inline on the loop: no thread hand-off (the router bounds what is in flight).
+            return self.predict_inline(request, via)
         spec = request.model_spec
         self._journal.client_started()
         try:
             with self.manager.acquire(spec) as slot:
                 loaded = slot.loaded
                 assert loaded is not None
-                if self._pool is None:
-                    # Inline on the loop: no thread hand-off (the router bounds what is in flight).
-                    sig, result = _run(loaded, request)
-                else:
-                    loop = asyncio.get_running_loop()
-                    sig, result = await loop.run_in_executor(self._pool, _run, loaded, request)
+                loop = asyncio.get_running_loop()
+                sig, result = await loop.run_in_executor(self._pool, _run, loaded, request)
         finally:
             self._journal.client_finished()
+        return self._answered(request, slot.version, sig, result, via)
+
+    @property
+    def inline(self) -> bool:
+        """Predict runs on the event loop (no predict threads): ``predict_inline`` may be called."""
+        return self._pool is None
+
+    def predict_inline(self, request: predict_pb2.PredictRequest, via: str = "frames") -> predict_pb2.PredictResponse:
+        """A client's Predict run right here, on the caller's thread (the frames server calls it
+        as the request's frame arrives: no task per request)."""
+        self._journal.client_started()
+        try:
+            with self.manager.acquire(request.model_spec) as slot:
+                loaded = slot.loaded
+                assert loaded is not None
+                sig, result = _run(loaded, request)
+        finally:
+            self._journal.client_finished()
+        return self._answered(request, slot.version, sig, result, via)
+
+    def _answered(self, request: predict_pb2.PredictRequest, version: int, sig: Signature,
+                  result: dict[str, Any], via: str) -> predict_pb2.PredictResponse:
         self.requests += 1
-        key = (spec.name, slot.version)
+        self.requests_by_transport[via] = self.requests_by_transport.get(via, 0) + 1
+        key = (request.model_spec.name, version)
         self._requests_by_version[key] = self._requests_by_version.get(key, 0) + 1
-        return self._response(request, slot.version, sig, result)
+        return self._response(request, version, sig, result)
 
     async def _warmup(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         """A router's warm-up call: on the idle load thread, journaled, not client traffic."""
@@ -272,7 +303,8 @@ class WorkerServices:
     # -- tfsrouter.Worker ------------------------------------------------------
 
     async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """JSON: pid, requests (client Predicts answered), client_requests_by_version
+        """JSON: pid, requests (client Predicts answered), requests_by_transport ({grpc|frames: count}),
+        client_requests_by_version
         ({model: {version: count}}, summing to requests), executors ({model: {version:
         count}}), reload_requests (ReloadConfig calls received), now and operations (workers.journal: the last loads, unloads and
         warm-ups, times on the machine's CLOCK_MONOTONIC like ``now``)."""
@@ -284,6 +316,7 @@ class WorkerServices:
             {
                 "pid": os.getpid(),
                 "requests": self.requests,
+                "requests_by_transport": self.requests_by_transport,
                 "reload_requests": self.reload_requests,
                 "client_requests_by_version": by_version,
                 "executors": {m: {str(v): n for v, n in vs.items()} for m, vs in counts.items()},
@@ -349,8 +382,13 @@ async def serve(
     on_bound: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
     pacer: Pacer | None = None,
+    frames_listen: str | None = None,
 ) -> None:
     """Run the worker until ``stop`` is set; loads ``config`` after the port is bound.
+
+    ``frames_listen`` (``unix:PATH``): also serve Predict over the router's
+    framed protocol there (``workers.frames_server``), bound before the
+    listening line, so the router may use it as soon as it sees the worker.
 
     With ``poll_s`` > 0 the worker also re-applies ``config`` that often, so it
     loads new version directories by itself (TF Serving's
@@ -371,6 +409,7 @@ async def serve(
     has_models = config is not None and bool(config.model_config_list.config)
     await services.update_health(loading=has_models)
     await server.start()
+    frames_server = await _serve_frames(frames_listen, services) if frames_listen else None
     if on_bound:
         on_bound(bound)
     stop = stop or asyncio.Event()
@@ -395,7 +434,21 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down")
+        if frames_server is not None:
+            frames_server.close()
         await services.health.enter_graceful_shutdown()
         await server.stop(grace=5.0)
         services.close()
         load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _serve_frames(listen: str, services: WorkerServices) -> asyncio.AbstractServer:
+    if not listen.startswith("unix:"):
+        raise InvalidArgument(f"--frames-listen takes unix:PATH, not {listen!r}")
+    path = listen[len("unix:"):]
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a stale socket of an earlier process
+    predict = functools.partial(services.predict, via="frames")
+    inline = services.predict_inline if services.inline else None
+    return await asyncio.get_running_loop().create_unix_server(lambda: FramesServer(predict, inline=inline), path)

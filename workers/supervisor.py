@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from shared import frames as frames_lib
 from workers import numa as numa_lib
 
 __all__ = [
@@ -153,6 +154,7 @@ def worker_specs(
     use_numactl: bool = True,
     extra_args: Sequence[str] = (),
     allocator_dirs: Sequence[Path] | None = None,
+    frames: bool = False,
 ) -> list[WorkerSpec]:
     """The specs of ``count`` workers listening on ``<socket_dir>/w<i>.sock``.
 
@@ -172,7 +174,8 @@ def worker_specs(
     allocator's library in LD_PRELOAD when one is given: "jemalloc",
     "tcmalloc" or a path (:func:`find_allocator`, searching ``allocator_dirs``,
     default :func:`library_dirs`). ``extra_args`` are appended to every
-    worker's argv.
+    worker's argv.  ``frames``: each worker also serves Predict over the
+    router's framed protocol on ``<socket_dir>/w<i>.frames.sock``.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -216,6 +219,8 @@ def worker_specs(
         ]
         if predict_threads > 0:
             argv += ["--predict-threads", str(predict_threads)]
+        if frames:
+            argv += ["--frames-listen", str(frames_lib.socket_for(address))]
         argv += list(extra_args)
         specs.append(WorkerSpec(index, address, tuple(argv), dict(env), cpus))
     return specs

@@ -17,10 +17,10 @@ from google.protobuf.message import DecodeError
 from protos import prediction_log_pb2
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.tensor import to_numpy
+from shared.marks import WARMUP_FILE
 from shared.tfrecord import split_records
 from workers.runtime import LoadedVersion
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_RECORDS = 1000
 
 

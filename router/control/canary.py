@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import Metric
 
 from router.analysis import ABORT, ADVANCE, HOLD, Checks, VersionStats, Window, verdict
 from router.config import Config, RoutingConfig
-from router.control.registry import Registry
+from router.registry import Registry
 from router.control.rollout import Controller, RolloutBusy
 from router.metrics import Metrics
 from router.traffic import Routing, RoutingError, compile_routing, stable_and_canary

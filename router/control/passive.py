@@ -33,7 +33,7 @@ from shared.errors import ServingError
 from protos import status_pb2
 from router.config import Config
 from router.control import sync
-from router.control.registry import Registry
+from router.registry import Registry
 from router.pool import DEAD, DRAINED, READY, STARTING, Backend, Pool
 
 log = logging.getLogger("router.control.passive")
@@ -140,13 +140,11 @@ class PassiveSync:
                 continue
             serves = any(b.available(n) for n in names)
             if serves and b.state == STARTING:
-                b.state = DRAINED if b.cordoned else READY
                 log.info("worker %s joins: %s", b.name, {n: sorted(b.available(n)) for n in names if b.available(n)})
-                self.pool.wake(b)
+                self.pool.set_state(b, DRAINED if b.cordoned else READY)
             elif not serves and b.state in (READY, DRAINED):
-                b.state = STARTING
                 log.warning("worker %s reports no available version; out of rotation", b.name)
-                self.pool.fail_waiters()
+                self.pool.set_state(b, STARTING)
         for m in self.config.models:
             coming: set[int] = set()
             counts: dict[int, int] = {}

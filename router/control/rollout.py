@@ -48,23 +48,12 @@ from router.config import Config
 from router.control import plan as planmod
 from router.control import sync
 from router.control.plan import LOAD, ROLLBACK, STEADY, UNLOAD, Versions
-from router.control.registry import Registry
+from router.registry import Registry
 from router.control.source import VersionSource
 from router.control.warmup import WarmupFailed, warm, warmup_requests
 from router.metrics import Metrics
-from router.pool import (
-    DEAD,
-    DRAINED,
-    DRAINING,
-    LOADING,
-    READY,
-    STARTING,
-    UNLOADING,
-    WARMING,
-    Backend,
-    Pool,
-    TransportError,
-)
+from router.pool import DEAD, DRAINED, DRAINING, LOADING, READY, STARTING, UNLOADING, WARMING, Backend, Pool
+from router.transport import TransportError
 
 log = logging.getLogger("router.control.rollout")
 
@@ -449,12 +438,10 @@ class Controller:
         backend = self.pool.by_name(name)
         backend.cordoned = cordon
         if cordon and backend.state == READY:
-            backend.state = DRAINED
-            self.pool.fail_waiters()
+            self.pool.set_state(backend, DRAINED)
             self._event(backend, "drained", "drained by an operator")
         elif not cordon and backend.state == DRAINED and backend.name not in self._steps:
-            backend.state = READY
-            self.pool.wake(backend)
+            self.pool.set_state(backend, READY)
             self._event(backend, "join", "undrained by an operator")
         self._on_change()
         self.wake()
@@ -506,8 +493,7 @@ class Controller:
         models = self.config.models
         try:
             if action.drain:
-                b.state = DRAINING
-                self.pool.fail_waiters()
+                self.pool.set_state(b, DRAINING)
                 self._on_change()
                 self._event(b, "drain", f"out of rotation, {b.inflight} in flight")
                 if not await self.pool.wait_idle(b, self.settings.drain_timeout_s):
@@ -526,34 +512,33 @@ class Controller:
             timeout = self.settings.load_timeout_s
             if action.unload_first and removing and adding:
                 keep = {m: held.get(m, frozenset()) & action.hold.get(m, frozenset()) for m in action.hold}
-                b.state = UNLOADING
+                self.pool.set_state(b, UNLOADING)
                 self._event(b, "unload", f"unloading {_text(removing)} first (swap mode)")
                 await sync.hold(b, models, keep, self.registry, generation, timeout, pace)
                 removing = {}
             if adding or b.state == STARTING or not b.versions:
                 if out_of_rotation:
-                    b.state = LOADING
+                    self.pool.set_state(b, LOADING)
                 self._event(b, "load", f"loading {_text(adding) or 'the configured versions'}")
                 await sync.hold(b, models, action.hold, self.registry, generation, timeout, pace)
             elif removing:
                 if out_of_rotation:
-                    b.state = UNLOADING
+                    self.pool.set_state(b, UNLOADING)
                 self._event(b, "unload", f"unloading {_text(removing)}")
                 await sync.hold(b, models, action.hold, self.registry, generation, timeout, pace)
             if staged:
                 cold = _minus(action.hold, b.warm)
                 if cold:
-                    b.state = WARMING
+                    self.pool.set_state(b, WARMING)
                     self._event(b, "warm", f"warming {_text(cold)}")
                     await self._warm(b, cold, generation, pace)
             if b.generation != generation:
                 raise sync.WorkerRestarted(f"worker {b.name} restarted")
             b.warm = {m: frozenset(vs) for m, vs in action.hold.items()}
             self._backoff.pop(b.name, None)
-            b.state = DRAINED if b.cordoned else READY
+            self.pool.set_state(b, DRAINED if b.cordoned else READY)
             self._event(b, "join", f"holds {_text(b.held()) or 'nothing'}"
                         + (" (stays drained)" if b.cordoned else "; in rotation"))
-            self.pool.wake(b)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -598,7 +583,7 @@ class Controller:
             message = f"no answer within rollout.load_timeout_s ({self.settings.load_timeout_s:.0f}s)"
         restarted = b.generation != generation or isinstance(exc, (TransportError, sync.WorkerRestarted))
         if not restarted:
-            b.state = DRAINED  # out of rotation until a step succeeds
+            self.pool.set_state(b, DRAINED)  # out of rotation until a step succeeds
         self._event(b, "failed", message)
         if not isinstance(exc, (ServingError, TimeoutError)):
             log.error("step on %s failed unexpectedly", b.name, exc_info=exc)
@@ -632,8 +617,7 @@ class Controller:
 
     async def _retire(self, b: Backend) -> None:
         assert self.fleet is not None
-        b.state = DRAINING
-        self.pool.fail_waiters()
+        self.pool.set_state(b, DRAINING)
         self._event(b, "retire", "draining the surge worker")
         await self.pool.wait_idle(b, self.settings.drain_timeout_s)
         await self.fleet.retire(b)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from shared.errors import CODE_BY_NUMBER, NotFound, ServingError
 from protos import config_pb2, status_pb2
 from router.config import ModelConfig
-from router.control.registry import Registry
+from router.registry import Registry
 from router.pool import Backend
 
 State = status_pb2.ModelVersionStatus

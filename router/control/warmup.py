@@ -29,14 +29,14 @@ from google.protobuf.message import DecodeError
 from shared.errors import FailedPrecondition, ServingError
 from shared.signature import PREDICT_METHOD, Signature
 from shared.tensor import DT_STRING, NUMPY_DTYPE, dtype_name, fill, to_numpy
+from shared.marks import WARMUP_FILE
 from shared.tfrecord import split_records
 from protos import predict_pb2, prediction_log_pb2
 from router.config import BatchingConfig
-from router.pool import Transport
+from router.transport import Transport
 
 log = logging.getLogger("router.control.warmup")
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_RECORDS = 1000  # TF Serving's limit
 SETTLED_RATIO = 1.15  # a round within this factor of the best one so far counts as settled
 MIN_ROUNDS = 2

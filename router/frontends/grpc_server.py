@@ -19,10 +19,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
-from router import log as rlog
 from router.admission import Admission
 from router.config import Config
 from router.dataplane import DataPlane
+from router.frontends.served import Frontend
 from shared.errors import BindError, InvalidArgument, ServingError, Unimplemented
 from router.metrics import Metrics
 
@@ -71,20 +71,18 @@ class GrpcFrontend:
         self.dp = dataplane
         self.admission = admission
         self.metrics = metrics
-        self._model_names = frozenset(m.name for m in config.models)
+        self.front = Frontend("grpc", metrics, frozenset(m.name for m in config.models))
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self.active = 0  # requests being handled
-        metrics.track_in_flight("grpc", lambda: self.active)
+
+    @property
+    def active(self) -> int:
+        return self.front.active
 
     def set_models(self, config: Config) -> None:
         self.config = config
-        self._model_names = frozenset(m.name for m in config.models)
-
-    def _label(self, model: str) -> str:
-        """Unknown model names share one label: a URL must not mint new series."""
-        return model if model in self._model_names else "_unknown"
+        self.front.model_names = frozenset(m.name for m in config.models)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -97,42 +95,29 @@ class GrpcFrontend:
                  with_context: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         """One RPC: parse (a message that does not parse is INVALID_ARGUMENT, not UNKNOWN), admit
         (data-plane calls: the tenant's, the model's and the router's quotas), call, answer."""
-        metrics = self.metrics
         admission = self.admission
+        front = self.front
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            self.active += 1
-            token = rlog.bind_request_id(rlog.new_request_id())
-            code = "OK"
-            model = ""
-            ticket = None
-            try:
-                request = raw if parse is None else parse(raw)
-                model = model_of(request)
-                deadline = self._deadline(context)
-                if admit:
-                    ticket = await admission.admit(_metadata_value(context, admission.header), model, deadline)
-                if with_context:
-                    return await fn(request, deadline, context)
-                return await fn(request, deadline)
-            except ServingError as exc:
-                code = exc.code.name
-                await context.abort(exc.code, exc.message, _trailers(exc))
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                code = "INTERNAL"
-                logger.exception("unexpected error in %s", api)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            finally:
-                if ticket is not None:
-                    ticket.release()
-                elapsed = time.perf_counter() - start
-                self.active -= 1
-                metrics.observe_request(self._label(model), api, "grpc", code, elapsed)
-                rlog.access(api, model, code, elapsed, "grpc")
-                rlog.request_id.reset(token)
+            with front.request(api) as r:
+                try:
+                    request = raw if parse is None else parse(raw)
+                    r.model = model = model_of(request)
+                    deadline = self._deadline(context)
+                    if admit:
+                        r.ticket = await admission.admit(_metadata_value(context, admission.header), model, deadline)
+                    if with_context:
+                        return await fn(request, deadline, context)
+                    return await fn(request, deadline)
+                except ServingError as exc:
+                    r.code = exc.code.name
+                    await context.abort(exc.code, exc.message, _trailers(exc))
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    r.code = "INTERNAL"
+                    logger.exception("unexpected error in %s", api)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
         return handle
 

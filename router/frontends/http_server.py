@@ -26,11 +26,11 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from protos import metadata_pb2, model_pb2, predict_pb2, status_pb2
-from router import log as rlog
 from router.admission import Admission
 from router.config import Config
-from router.control.registry import Registry
-from router.dataplane import DataPlane
+from router.registry import Registry
+from router.dataplane import DataPlane, Resolved
+from router.frontends.served import Frontend
 from shared.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
 from router.wire import rest_json
@@ -98,84 +98,72 @@ class RestFrontend:
         self.admission = admission
         self._listener: asyncio.AbstractServer | None = None
         self.refused_connections = 0
-        self._model_names = frozenset(m.name for m in config.models)
+        self.front = Frontend("rest", metrics, frozenset(m.name for m in config.models))
         self.accepting = False
         self.runner: web.AppRunner | None = None
         self.port = 0
-        self.active = 0  # requests being handled
-        metrics.track_in_flight("rest", lambda: self.active)
+
+    @property
+    def active(self) -> int:
+        return self.front.active
 
     def set_models(self, config: Config) -> None:
         self.config = config
-        self._model_names = frozenset(m.name for m in config.models)
-
-    def _label(self, model: str) -> str:
-        """Unknown model names share one label: a URL must not mint new series."""
-        return model if model in self._model_names else "_unknown"
+        self.front.model_names = frozenset(m.name for m in config.models)
 
     # -- handlers ------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
-        start = time.perf_counter()
-        self.active += 1
-        token = rlog.bind_request_id(rlog.new_request_id())
-        api, model, code = "unknown", "", "OK"
-        headers: dict[str, str] = {}
-        ticket = None
-        try:
-            path = request.path
-            if request.method == "POST":
-                m = _PREDICT.fullmatch(path)
-                if m is None:
-                    raise NotFound(f"Malformed request: POST {path}")
-                model, version, label, verb = m.groups()
-                api = verb.capitalize()
-                if api != "Predict":
-                    raise Unimplemented(f"{verb} is not supported by this router's REST API; use gRPC")
-                deadline = time.monotonic() + self.config.limits.default_deadline_s
-                # Admitted before the body is even read: a refused request costs nothing more.
-                ticket = await self.admission.admit(request.headers.get(self.admission.header), model, deadline)
-                body, headers = await self._predict(request, _spec(model, version, label), deadline)
-            elif request.method == "GET":
-                m = _MODEL.fullmatch(path)
-                if m is None or m.group(1) is None:
-                    raise NotFound(f"Malformed request: GET {path}")
-                model, version, label, metadata = m.groups()
-                spec = _spec(model, version, label)
-                if metadata:
-                    api = "GetModelMetadata"
-                    body = orjson.dumps(self._metadata_json(spec))
+        with self.front.request("unknown") as r:
+            headers: dict[str, str] = {}
+            try:
+                path = request.path
+                if request.method == "POST":
+                    m = _PREDICT.fullmatch(path)
+                    if m is None:
+                        raise NotFound(f"Malformed request: POST {path}")
+                    r.model, version, label, verb = m.groups()
+                    r.api = verb.capitalize()
+                    if r.api != "Predict":
+                        raise Unimplemented(f"{verb} is not supported by this router's REST API; use gRPC")
+                    deadline = time.monotonic() + self.config.limits.default_deadline_s
+                    # Admitted before the body is even read: a refused request costs nothing more.
+                    r.ticket = await self.admission.admit(request.headers.get(self.admission.header), r.model,
+                                                          deadline)
+                    body, headers = await self._predict(request, _spec(r.model, version, label), deadline)
+                elif request.method == "GET":
+                    m = _MODEL.fullmatch(path)
+                    if m is None or m.group(1) is None:
+                        raise NotFound(f"Malformed request: GET {path}")
+                    r.model, version, label, metadata = m.groups()
+                    spec = _spec(r.model, version, label)
+                    if metadata:
+                        r.api = "GetModelMetadata"
+                        body = orjson.dumps(self._metadata_json(spec))
+                    else:
+                        r.api = "GetModelStatus"
+                        body = orjson.dumps(_to_json(self.dp.status(status_pb2.GetModelStatusRequest(model_spec=spec))))
                 else:
-                    api = "GetModelStatus"
-                    body = orjson.dumps(_to_json(self.dp.status(status_pb2.GetModelStatusRequest(model_spec=spec))))
-            else:
-                raise InvalidArgument(f"Unsupported HTTP method: {request.method}")
-            return web.Response(body=body, content_type=JSON, headers=headers)
-        except ServingError as exc:
-            code = exc.code.name
-            return web.Response(body=rest_json.error_body(exc.message), status=exc.http_status,
-                                content_type=JSON, headers=exc.headers())
-        except web.HTTPException as exc:  # aiohttp's own refusals, e.g. a body over max_body_bytes
-            code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_ARGUMENT"
-            return web.Response(body=rest_json.error_body(exc.reason), status=exc.status, content_type=JSON)
-        except Exception as exc:
-            code = "INTERNAL"
-            logger.exception("unexpected error on %s %s", request.method, request.path)
-            return web.Response(body=rest_json.error_body(f"{type(exc).__name__}: {exc}"), status=500,
-                                content_type=JSON)
-        finally:
-            if ticket is not None:
-                ticket.release()
-            elapsed = time.perf_counter() - start
-            self.active -= 1
-            self.metrics.observe_request(self._label(model), api, "rest", code, elapsed)
-            rlog.access(api, model, code, elapsed, "rest")
-            rlog.request_id.reset(token)
+                    raise InvalidArgument(f"Unsupported HTTP method: {request.method}")
+                return web.Response(body=body, content_type=JSON, headers=headers)
+            except ServingError as exc:
+                r.code = exc.code.name
+                return web.Response(body=rest_json.error_body(exc.message), status=exc.http_status,
+                                    content_type=JSON, headers=exc.headers())
+            except web.HTTPException as exc:  # aiohttp's own refusals, e.g. a body over max_body_bytes
+                r.code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_ARGUMENT"
+                return web.Response(body=rest_json.error_body(exc.reason), status=exc.status, content_type=JSON)
+            except Exception as exc:
+                r.code = "INTERNAL"
+                logger.exception("unexpected error on %s %s", request.method, request.path)
+                return web.Response(body=rest_json.error_body(f"{type(exc).__name__}: {exc}"), status=500,
+                                    content_type=JSON)
 
     async def _predict(self, request: web.Request, spec: model_pb2.ModelSpec,
                        deadline: float) -> tuple[bytes, dict[str, str]]:
         headers = request.headers.get  # case-insensitive, as the model's routing rules match
-        routed = spec.WhichOneof("version_choice") is None
+        # Resolved once: the version's signature parses the body, and the data plane routes by the same answer.
+        chosen_by_router = spec.WhichOneof("version_choice") is None
         version = self.control.resolve(spec, headers)
         meta = self.control.metadata(spec.name, version)
 
@@ -191,7 +179,7 @@ class RestFrontend:
         req.model_spec.signature_name = sig.name
         for name, array in parsed.inputs.items():
             fill(req.inputs[name], array, sig.inputs[name].dtype if name in sig.inputs else None)
-        resp = await self.dp.predict(req, deadline, headers, routed=routed)
+        resp = await self.dp.predict(req, deadline, headers, Resolved(version, sig, chosen_by_router))
         outputs = {name: to_numpy(t) for name, t in resp.outputs.items()}
         body = rest_json.format_predict_response(outputs, parsed.row_format)
         return body, {"x-model-version": str(resp.model_spec.version.value)}

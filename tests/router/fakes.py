@@ -14,7 +14,7 @@ import numpy as np
 from shared.errors import NotFound
 from shared.tensor import fill
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2, types_pb2
-from router.pool import Transport
+from router.transport import Transport
 
 State = status_pb2.ModelVersionStatus
 AVAILABLE, END = State.AVAILABLE, State.END
@@ -65,6 +65,9 @@ class FakeTransport:
         fill(self.warm_answer.outputs["y"], np.zeros((1, 2), np.float32))
         self.reload_delay = 0.0
         self.paces: list[tuple[str, str | None]] = []  # (call, the pacing it asked for)
+        self.raws: list[str] = []
+        self.raw_script: list[Outcome] = []
+        self.raw_gate: asyncio.Event | None = None
 
     async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
                      pace: str | None = None) -> predict_pb2.PredictResponse:
@@ -135,6 +138,15 @@ class FakeTransport:
         return config_pb2.ReloadConfigResponse()
 
     async def raw(self, method: str, body: bytes, timeout: float) -> bytes:
+        """Forwarded calls echo their body; ``raw_script`` fails them like ``predict_script``,
+        ``raw_gate`` holds them until it is set."""
+        self.raws.append(method)
+        if self.raw_gate is not None:
+            await self.raw_gate.wait()
+        if self.raw_script:
+            outcome = self.raw_script.pop(0)
+            if isinstance(outcome, BaseException):
+                raise outcome
         return body
 
     async def healthy(self, timeout: float) -> bool:

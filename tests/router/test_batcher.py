@@ -1,6 +1,6 @@
 """router.batcher: the formation policy (BatchQueue, pure) and the mechanism (Batcher over a Pool).
 
-The mechanism tests run a real Pool and DataPlane.dispatch over fake workers
+The mechanism tests run a real Pool and Dispatcher over fake workers
 (``FakeTransport``, the one seam tests may substitute) and never assume
 timing: they wait for conditions (a call reached a worker, the dispatcher is
 waiting for a slot) by yielding to the loop, with a generous bound that only
@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -26,11 +26,11 @@ from prometheus_client import CollectorRegistry
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2, types_pb2
 from router.batcher import FULL, SLOT_FREED, TIMEOUT, BatchKey, Batcher, BatchQueue, Pending
 from router.config import BatchingConfig
-from router.control.registry import Registry
-from router.dataplane import DataPlane
+from router.dispatch import Dispatcher
 from shared.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError
 from router.metrics import Metrics
-from router.pool import READY, Backend, Pool, TransportError
+from router.pool import READY, Backend, Pool
+from router.transport import TransportError
 from shared.tensor import DT_FLOAT, from_numpy, to_numpy
 
 T = TypeVar("T")
@@ -324,8 +324,8 @@ def harness(n_backends: int = 1, max_inflight: int = 1, dead: tuple[int, ...] = 
     ]
     pool = Pool(backends, max_queued=64, rng=random.Random(seed))
     registry = CollectorRegistry()
-    dispatch = DataPlane(cast(Registry, None), pool).dispatch  # dispatch only uses the pool
-    batcher = Batcher(pool, dispatch, Metrics(registry))
+    metrics = Metrics(registry)
+    batcher = Batcher(pool, Dispatcher(pool, on_retry=metrics.retried), metrics)
     return Harness(settings, fakes, backends, pool, registry, batcher)
 
 

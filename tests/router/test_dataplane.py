@@ -1,4 +1,5 @@
-"""DataPlane.dispatch: a slot on a worker, the remaining deadline, one retry elsewhere; normalization."""
+"""router.dispatch (a slot on a worker, the remaining deadline, one retry elsewhere) and the data plane above it:
+normalization, the version chosen again when it left the pool, forwarded calls through the pool's slots."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from shared.errors import (
 from protos import model_pb2, predict_pb2, status_pb2, tensor_pb2, types_pb2
 from router.config import Config, from_dict
 from router.control import sync
-from router.control.registry import Registry
+from router.registry import Registry
+from router.dispatch import Dispatcher
 from router.dataplane import DataPlane
-from router.pool import DEAD, LOADING, READY, STARTING, Backend, Pool, Transport, TransportError
+from router.pool import DEAD, DRAINING, LOADING, READY, STARTING, Backend, Pool
+from router.transport import Transport, TransportError
 from tests.router.fakes import FakeTransport, Outcome
 
 T = TypeVar("T")
@@ -79,7 +82,7 @@ def soon(seconds: float = 5.0) -> float:
     return time.monotonic() + seconds
 
 
-# -- DataPlane.dispatch: retries -------------------------------------------------------------------
+# -- Dispatcher.send: retries -------------------------------------------------------------------
 
 
 def dataplane(n: int = 2, *, script: list[Outcome] | None = None, max_inflight: int = 4,
@@ -91,7 +94,8 @@ def dataplane(n: int = 2, *, script: list[Outcome] | None = None, max_inflight: 
     control = Registry(config(), pool)
     control.aspired = {"m": (1,)}
     retries: list[tuple[str, str]] = []
-    return DataPlane(control, pool, on_retry=lambda m, why: retries.append((m, why)), clock=clock), backends, retries
+    dispatcher = Dispatcher(pool, on_retry=lambda m, why: retries.append((m, why)), clock=clock)
+    return DataPlane(control, pool, dispatcher, clock=clock), backends, retries
 
 
 async def predict_call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
@@ -106,7 +110,7 @@ def test_dispatch_success_releases_the_slot() -> None:
     dp, backends, retries = dataplane(2)
 
     async def main() -> None:
-        resp = await dp.dispatch("m", 1, predict_call, soon())
+        resp = await dp.dispatcher.send("m", 1, predict_call, soon())
         assert "y" in resp.outputs
         assert sum(calls(backends)) == 1 and retries == []
         assert [b.inflight for b in backends] == [0, 0]
@@ -119,7 +123,7 @@ def test_dispatch_passes_the_remaining_deadline() -> None:
     dp, [a], _ = dataplane(1, clock=lambda: now[0])
 
     async def main() -> None:
-        await dp.dispatch("m", 1, predict_call, 102.5)
+        await dp.dispatcher.send("m", 1, predict_call, 102.5)
         assert fake(a).timeouts == [2.5]
 
     run(main())
@@ -129,7 +133,7 @@ def test_dispatch_retries_once_elsewhere_on_transport_error() -> None:
     dp, backends, retries = dataplane(2, script=[TransportError("worker unavailable: reset")])
 
     async def main() -> None:
-        resp = await dp.dispatch("m", 1, predict_call, soon())
+        resp = await dp.dispatcher.send("m", 1, predict_call, soon())
         assert "y" in resp.outputs
         assert calls(backends) == [1, 1]  # the retry went to the other worker
         assert retries == [("m", "worker_unavailable")]
@@ -144,7 +148,7 @@ def test_dispatch_transport_error_without_another_holder_raises() -> None:
 
     async def main() -> None:
         with pytest.raises(TransportError):
-            await dp.dispatch("m", 1, predict_call, soon())
+            await dp.dispatcher.send("m", 1, predict_call, soon())
         assert calls(backends) == [1, 0] and retries == []
         assert [b.inflight for b in backends] == [0, 0]
 
@@ -157,7 +161,7 @@ def test_dispatch_retries_only_once() -> None:
 
     async def main() -> None:
         with pytest.raises(TransportError, match="2"):
-            await dp.dispatch("m", 1, predict_call, soon())
+            await dp.dispatcher.send("m", 1, predict_call, soon())
         assert sorted(calls(backends)) == [0, 1, 1]
         assert retries == [("m", "worker_unavailable")]
         assert [b.inflight for b in backends] == [0, 0, 0]
@@ -172,7 +176,7 @@ def test_dispatch_retry_waits_for_another_worker_not_the_failed_one() -> None:
         assert dp.pool.try_acquire("m", 1) is not None  # one worker busy: the call lands on the other
         busy = a if a.inflight else b
         free = b if busy is a else a
-        task = asyncio.ensure_future(dp.dispatch("m", 1, predict_call, soon()))
+        task = asyncio.ensure_future(dp.dispatcher.send("m", 1, predict_call, soon()))
         for _ in range(10):
             await asyncio.sleep(0)
         # free failed; its slot is free again, but the retry waits for busy.
@@ -190,7 +194,7 @@ def test_dispatch_not_found_is_retried_once_elsewhere() -> None:
     dp, backends, retries = dataplane(2, script=[NotFound("Servable not found for request: Specific(m, 1)")])
 
     async def main() -> None:
-        await dp.dispatch("m", 1, predict_call, soon())
+        await dp.dispatcher.send("m", 1, predict_call, soon())
         assert calls(backends) == [1, 1]
         assert retries == [("m", "version_moved")]
 
@@ -202,13 +206,13 @@ def test_dispatch_not_found_twice_or_alone_is_raised() -> None:
 
     async def main() -> None:
         with pytest.raises(NotFound, match="2"):
-            await dp.dispatch("m", 1, predict_call, soon())
+            await dp.dispatcher.send("m", 1, predict_call, soon())
         assert calls(backends) == [1, 1]
 
     run(main())
     dp, backends, retries = dataplane(1, script=[NotFound("gone")])
     with pytest.raises(NotFound):
-        run(dp.dispatch("m", 1, predict_call, soon()))
+        run(dp.dispatcher.send("m", 1, predict_call, soon()))
     assert retries == []
 
 
@@ -226,7 +230,7 @@ def test_dispatch_other_errors_are_not_retried(error: ServingError) -> None:
 
     async def main() -> None:
         with pytest.raises(type(error)) as info:
-            await dp.dispatch("m", 1, predict_call, soon())
+            await dp.dispatcher.send("m", 1, predict_call, soon())
         assert type(info.value) is type(error)
         assert sum(calls(backends)) == 1 and retries == []
         assert [b.inflight for b in backends] == [0, 0]
@@ -239,7 +243,7 @@ def test_dispatch_with_deadline_already_gone() -> None:
 
     async def main() -> None:
         with pytest.raises(DeadlineExceeded, match="before the request reached a worker"):
-            await dp.dispatch("m", 1, predict_call, time.monotonic() - 0.001)
+            await dp.dispatcher.send("m", 1, predict_call, time.monotonic() - 0.001)
         assert calls(backends) == [0] and backends[0].inflight == 0
 
     run(main())
@@ -252,7 +256,7 @@ def test_predict_is_normalized_before_dispatch() -> None:
     pool = make_pool(a)
     control = Registry(cfg, pool)
     control.aspired = {"m": (1, 2)}
-    dp = DataPlane(control, pool)
+    dp = DataPlane(control, pool, Dispatcher(pool))
 
     async def main() -> None:
         await sync.hold(a, cfg.models, {"m": frozenset({1, 2})}, control, a.generation, 5)
@@ -290,7 +294,7 @@ def test_unversioned_request_whose_version_is_withdrawn_goes_to_the_new_default(
     registry.aspired = {"m": (1, 2)}
     registry.switch("m", 1)
     retries: list[tuple[str, str]] = []
-    dp = DataPlane(registry, pool, on_retry=lambda m, why: retries.append((m, why)))
+    dp = DataPlane(registry, pool, Dispatcher(pool, on_retry=lambda m, why: retries.append((m, why))))
 
     def request(version: int | None = None) -> predict_pb2.PredictRequest:
         r = predict_pb2.PredictRequest()
@@ -324,3 +328,64 @@ def test_unversioned_request_whose_version_is_withdrawn_goes_to_the_new_default(
         assert retries == [("m", "version_withdrawn")]
 
     run(main())
+
+
+# -- forwarded calls (Classify, Regress, MultiInference) go through the pool's slots --------------
+
+CLASSIFY = "/tensorflow.serving.PredictionService/Classify"
+MULTI = "/tensorflow.serving.PredictionService/MultiInference"
+
+
+def classify_body(model: str = "m") -> bytes:
+    # Classify's ModelSpec is field 1, like GetModelStatusRequest's.
+    return bytes(status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=model)).SerializeToString())
+
+
+@pytest.mark.parametrize("method", [CLASSIFY, MULTI])
+def test_a_forwarded_call_holds_a_slot_and_a_drain_waits_for_it(method: str) -> None:
+    dp, [a], _ = dataplane(1)
+    dp.control.switch("m", 1)
+    gate = fake(a).raw_gate = asyncio.Event()
+
+    async def main() -> None:
+        send = dp.forward_any if method == MULTI else dp.forward
+        call = asyncio.ensure_future(send(method, classify_body(), soon()))
+        for _ in range(100):
+            if fake(a).raws or call.done():
+                break
+            await asyncio.sleep(0)
+        assert fake(a).raws and a.inflight == 1  # counted like a Predict
+        dp.pool.set_state(a, DRAINING)
+        idle = asyncio.ensure_future(dp.pool.wait_idle(a, 5))
+        await asyncio.sleep(0.02)
+        assert not idle.done()  # the drain waits for it
+        gate.set()
+        assert await call == classify_body()
+        assert await idle and a.inflight == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("method", [CLASSIFY, MULTI])
+def test_a_forwarded_call_whose_worker_dies_is_retried_once_elsewhere(method: str) -> None:
+    dp, backends, retries = dataplane(2)
+    dp.control.switch("m", 1)
+    script: list[Outcome] = [TransportError("worker unavailable: reset")]
+    for b in backends:
+        fake(b).raw_script = script  # shared: the first call anywhere fails
+
+    async def main() -> None:
+        send = dp.forward_any if method == MULTI else dp.forward
+        assert await send(method, classify_body(), soon()) == classify_body()
+        assert sorted(len(fake(b).raws) for b in backends) == [1, 1]
+        assert [why for _, why in retries] == ["worker_unavailable"]
+        assert [b.inflight for b in backends] == [0, 0]
+
+    run(main())
+
+
+def test_multi_inference_with_no_worker_in_rotation_is_unavailable() -> None:
+    dp, [a], _ = dataplane(1)
+    dp.pool.set_state(a, DRAINING)
+    with pytest.raises(Unavailable):
+        run(dp.forward_any(MULTI, b"", soon()))

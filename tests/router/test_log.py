@@ -6,6 +6,9 @@ import asyncio
 import io
 import logging
 import re
+from pathlib import Path
+import sys
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,10 +47,14 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in lines(stream)]
 
 
-def test_new_request_id_is_16_hex_and_random() -> None:
+def test_new_request_id_is_16_hex_and_unique_across_processes() -> None:
     ids = {new_request_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
+    # Another process (another router replica) starts from another random prefix.
+    other = subprocess.run([sys.executable, "-c", "from router.log import new_request_id; print(new_request_id())"],
+                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    assert other.stdout.strip()[:8] not in {i[:8] for i in ids}
 
 
 def test_text_line_carries_request_id() -> None:

@@ -180,7 +180,6 @@ def test_a_flooding_tenant_is_refused_by_name_and_a_high_tenant_keeps_its_latenc
                 t.join()
         assert not alone_errors and not flooded_errors, (alone_errors + flooded_errors)[:3]
         assert set(flood_codes) == {"OK", "RESOURCE_EXHAUSTED"}, set(flood_codes)
-        assert flood_codes.count("RESOURCE_EXHAUSTED") > flood_codes.count("OK")
         assert all("tenant flood quota max_inflight" in d for d in flood_details), flood_details[:3]
         # The high tenant keeps its latency: its median under the flood stays within a small factor.
         ratio = statistics.median(flooded) / statistics.median(alone)

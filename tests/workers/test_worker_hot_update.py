@@ -24,6 +24,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.support import TEST_VOCAB, SteadyLoad, WorkerProcess, outputs_of, predict_request
+from shared.marks import PACE_KEY
 from workers import pacer, server
 from workers.demo_model import example_inputs
 
@@ -276,7 +277,7 @@ def test_a_reload_the_router_asks_to_pace_holds_only_the_load_threads_and_none_a
     response, seen = reload_watching_holds(worker, base, [2])
     assert response.status.error_code == 0 and not seen, seen
     # Paced (the router took it out of rotation): the load thread runs in bursts, nothing else is touched.
-    response, seen = reload_watching_holds(worker, base, [1], ((pacer.METADATA_KEY, "1/3"),))
+    response, seen = reload_watching_holds(worker, base, [1], ((PACE_KEY, "1/3"),))
     assert response.status.error_code == 0 and seen and all(name.startswith("load") for name in seen), seen
     assert statuses(worker)[1].state == State.AVAILABLE
     pid = worker.proc.pid
@@ -285,7 +286,7 @@ def test_a_reload_the_router_asks_to_pace_holds_only_the_load_threads_and_none_a
     request = predict_request("ctr", example_inputs(4, vocab=TEST_VOCAB))
     assert stub.Predict(request, timeout=30).model_spec.version.value == 1
     # A malformed request to pace is ignored: the reload runs unpaced.
-    response, seen = reload_watching_holds(worker, base, [2], ((pacer.METADATA_KEY, "fast"),))
+    response, seen = reload_watching_holds(worker, base, [2], ((PACE_KEY, "fast"),))
     assert response.status.error_code == 0 and not seen
     assert reload(worker, base, [1]).status.error_code == 0
     assert_only_the_load_thread_is_idle(worker.proc.pid)

@@ -12,7 +12,7 @@ from protos import model_pb2, status_pb2
 from router.analysis import VersionStats
 from router.config import from_dict
 from router.control.canary import ABORTED, PROMOTED, RUNNING, CanaryController
-from router.control.registry import Registry
+from router.registry import Registry
 from router.metrics import Metrics
 from router.pool import READY, Backend, Pool
 from router.traffic import RoutingError

@@ -24,7 +24,7 @@ from shared.errors import NotFound
 from shared.tensor import fill
 from protos import model_pb2, predict_pb2, status_pb2
 from router.config import Config, from_dict
-from router.control.registry import Registry
+from router.registry import Registry
 from router.control.rollout import Controller, RolloutBusy
 from router.control.source import Fingerprint, VersionSource
 from router.metrics import Metrics

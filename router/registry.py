@@ -25,10 +25,11 @@ from shared.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from shared.signature import Signature
 from protos import metadata_pb2, model_pb2, status_pb2
 from router.config import Config, ModelConfig
-from router.pool import DEAD, Pool, Transport
+from router.pool import DEAD, Pool
+from router.transport import Transport
 from router.traffic import Headers, Routing
 
-log = logging.getLogger("router.control.registry")
+log = logging.getLogger("router.registry")
 
 State = status_pb2.ModelVersionStatus
 # Which state wins when workers disagree about a version.

@@ -1,4 +1,4 @@
-"""router.control.registry: resolution (the default version), status aggregation, signatures."""
+"""router.registry: resolution (the default version), status aggregation, signatures."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from shared.errors import (
 )
 from protos import model_pb2, predict_pb2, status_pb2, tensor_pb2, types_pb2
 from router.config import Config, from_dict
-from router.control.registry import Registry
+from router.registry import Registry
 from router.dataplane import DataPlane
-from router.pool import DEAD, LOADING, READY, STARTING, Backend, Pool, Transport, TransportError
+from router.pool import DEAD, LOADING, READY, STARTING, Backend, Pool
+from router.transport import Transport, TransportError
 from tests.router.fakes import FakeTransport, Outcome
 
 T = TypeVar("T")

@@ -1,0 +1,57 @@
+"""The transport seam: how the router reaches a worker, and nothing else.
+
+Everything the router sends to a worker goes through a ``Transport``:
+``GrpcTransport`` (``grpc_transport.py``: TF Serving's gRPC API over a
+grpc.aio channel, for any TF Serving server) or ``FramesTransport``
+(``frames_transport.py``: Predict over the project's lean framed protocol to
+its own spawned workers, the rest over gRPC).  Tests may substitute a fake
+here and only here.  ``connect`` picks one for a worker's address and the
+``workers.transport`` setting.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
+from shared.errors import Unavailable
+
+
+class TransportError(Unavailable):
+    """The worker could not be reached or went away mid-call: safe to retry elsewhere."""
+
+
+class Transport(Protocol):
+    async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse: ...
+    async def warmup(self, request: predict_pb2.PredictRequest, timeout: float,
+                     pace: str | None = None) -> predict_pb2.PredictResponse: ...
+    async def metadata(self, request: metadata_pb2.GetModelMetadataRequest,
+                       timeout: float) -> metadata_pb2.GetModelMetadataResponse: ...
+    async def status(self, request: status_pb2.GetModelStatusRequest,
+                     timeout: float) -> status_pb2.GetModelStatusResponse: ...
+    async def reload(self, request: config_pb2.ReloadConfigRequest, timeout: float,
+                     pace: str | None = None) -> config_pb2.ReloadConfigResponse: ...
+    async def raw(self, method: str, body: bytes, timeout: float) -> bytes: ...
+    async def healthy(self, timeout: float) -> bool: ...
+    async def close(self) -> None: ...
+
+
+def connect(name: str, address: str, kind: str = "grpc", frames_address: str | None = None) -> Transport:
+    """The transport to one worker.
+
+    ``kind``: ``grpc``, or ``frames`` with ``frames_address`` (the worker's
+    frames socket, ``unix:PATH``): Predict over frames, the rest over gRPC.
+    """
+    from router.transport.grpc_transport import GrpcTransport
+
+    grpc_transport = GrpcTransport(address)
+    if kind == "grpc" or frames_address is None:
+        return grpc_transport
+    if kind != "frames":
+        raise ValueError(f"unknown transport {kind!r}")
+    from router.transport.frames_transport import FramesTransport
+
+    return FramesTransport(name, frames_address, grpc_transport)
+
+
+__all__ = ["Transport", "TransportError", "connect"]
