@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.eager import context as tf_context
-from tensorflow.python.framework import constant_op
+from tensorflow.python.framework.ops import EagerTensor
 
 from protos import metadata_pb2
 from shared.errors import FailedPrecondition, Internal, InvalidArgument
@@ -85,7 +85,7 @@ class _Executor:
     graph call without the Python binding layer.  The request was already
     checked against the signature (names, dtypes, shapes), the checks the
     binding would repeat, and each tensor is converted to the dtype the
-    trace declared.  ``_call_flat`` and ``convert_to_eager_tensor`` are TF
+    trace declared.  ``_call_flat`` and ``EagerTensor`` are TF
     internals; tensorflow is pinned in pyproject.toml and the worker tests
     compare every answer with the SavedModel called the public way.
     """
@@ -95,8 +95,10 @@ class _Executor:
     outputs: tuple[str, ...]
 
     def __call__(self, *arrays: Any) -> Sequence[Any]:
-        ctx = tf_context.context()
-        tensors = [constant_op.convert_to_eager_tensor(a, ctx, d) for a, d in zip(arrays, self.dtypes)]
+        # EagerTensor built directly: convert_to_eager_tensor would copy each array first (it
+        # guards against the caller changing it later; these arrays die with the request).
+        device = tf_context.context().device_name
+        tensors = [EagerTensor(a, device, d.as_datatype_enum) for a, d in zip(arrays, self.dtypes)]
         fn = self.function
         result: Sequence[Any] = fn._call_flat(tensors, fn.captured_inputs)
         return result
