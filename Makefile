@@ -49,6 +49,7 @@ run: install demo
 	$(PY) -m router serve
 
 test: install demo
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 protos: install

@@ -147,7 +147,7 @@ def run(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
     # One series per label set is enough; *_created doubles the scrape for nothing.
     import prometheus_client
 
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     import uvloop
 
     try:

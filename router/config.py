@@ -345,7 +345,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, dict) and key_t is str:
             # A YAML key written as a number (``split: {1: 90, 2: 10}``) names a version.
             value = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, path)
     if origin is tuple:
         (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]

@@ -80,9 +80,9 @@ class FramesServer(asyncio.Protocol):
                 task = loop.create_task(self._run(frame.id, frame.payload, deadline))
                 self._tasks[frame.id] = task
             elif frame.kind == frames.CANCEL:
-                task = self._tasks.pop(frame.id, None)
-                if task is not None:
-                    task.cancel()  # a task not started yet never runs its Predict
+                cancelled = self._tasks.pop(frame.id, None)
+                if cancelled is not None:
+                    cancelled.cancel()  # a task not started yet never runs its Predict
             else:
                 self._close(f"unexpected {frames.KINDS[frame.kind]} frame from the router")
                 return

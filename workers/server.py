@@ -54,6 +54,9 @@ from workers.manager import ModelManager
 from workers.pacer import Pacer
 from workers.runtime import LoadedVersion
 
+# A servicer context of these untyped (bytes or any message) handlers.
+Context = grpc.aio.ServicerContext[Any, Any]
+
 log = logging.getLogger("workers.server")
 
 SIGNATURE_DEF_MAP_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
@@ -63,13 +66,13 @@ WORKER_SERVICE = "tfsrouter.Worker"
 MAX_MESSAGE_BYTES = 2**31 - 1  # TF Serving accepts up to 2 GB
 WARMUP_METADATA = WARMUP_MARK
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Handler = Callable[[Any, Context], Awaitable[Any]]
 
 
 def _guard(fn: Handler) -> Handler:
     """Turn ServingErrors into their status; anything else is INTERNAL, never a crash."""
 
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request: Any, context: Context) -> Any:
         try:
             return await fn(request, context)
         except ServingError as exc:
@@ -125,11 +128,11 @@ def _run(loaded: LoadedVersion, request: predict_pb2.PredictRequest) -> tuple[Si
     return sig, loaded.execute(sig, plan.names, plan.outputs, arrays)
 
 
-def _is_warmup(context: grpc.aio.ServicerContext) -> bool:
+def _is_warmup(context: Context) -> bool:
     return WARMUP_METADATA in (context.invocation_metadata() or ())
 
 
-def _pace(context: grpc.aio.ServicerContext) -> tuple[float, float] | None:
+def _pace(context: Context) -> tuple[float, float] | None:
     """The pacing the router asks for on this call (the worker is out of rotation), if any."""
     for key, value in context.invocation_metadata() or ():
         if key == PACE_KEY and isinstance(value, str):
@@ -164,7 +167,7 @@ class WorkerServices:
     # -- PredictionService ---------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _paced(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _paced(self, context: Context) -> AsyncIterator[None]:
         cycle = _pace(context) if self.pacer is not None else None
         if cycle is None or self.pacer is None:
             yield
@@ -172,7 +175,7 @@ class WorkerServices:
         async with self.pacer.pacing(*cycle):
             yield
 
-    async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+    async def Predict(self, request: predict_pb2.PredictRequest, context: Context) -> predict_pb2.PredictResponse:
         if _is_warmup(context):
             async with self._paced(context):
                 return await self._warmup(request)
@@ -244,7 +247,7 @@ class WorkerServices:
         return response
 
     async def GetModelMetadata(
-        self, request: metadata_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: metadata_pb2.GetModelMetadataRequest, context: Context
     ) -> metadata_pb2.GetModelMetadataResponse:
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
@@ -273,18 +276,18 @@ class WorkerServices:
         )
         return response
 
-    async def Unimplemented(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def Unimplemented(self, request: bytes, context: Context) -> bytes:
         raise Unimplemented("this worker serves Predict only; Classify, Regress and MultiInference are not implemented")
 
     # -- ModelService ----------------------------------------------------------
 
     async def GetModelStatus(
-        self, request: status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
+        self, request: status_pb2.GetModelStatusRequest, context: Context
     ) -> status_pb2.GetModelStatusResponse:
         return self.manager.status(request.model_spec)
 
     async def HandleReloadConfigRequest(
-        self, request: config_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
+        self, request: config_pb2.ReloadConfigRequest, context: Context
     ) -> config_pb2.ReloadConfigResponse:
         response = config_pb2.ReloadConfigResponse()
         self.reload_requests += 1
@@ -302,7 +305,7 @@ class WorkerServices:
 
     # -- tfsrouter.Worker ------------------------------------------------------
 
-    async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def Stats(self, request: bytes, context: Context) -> bytes:
         """JSON: pid, requests (client Predicts answered), requests_by_transport ({grpc|frames: count}),
         client_requests_by_version
         ({model: {version: count}}, summing to requests), executors ({model: {version:
@@ -328,7 +331,7 @@ class WorkerServices:
     # -- wiring ----------------------------------------------------------------
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
-        def unary(fn: Handler, req: Any = None, resp: Any = None) -> grpc.RpcMethodHandler:
+        def unary(fn: Handler, req: Any = None, resp: Any = None) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
                 _guard(fn),
                 request_deserializer=req.FromString if req else None,

@@ -26,6 +26,9 @@ from router.frontends.served import Frontend
 from shared.errors import BindError, InvalidArgument, ServingError, Unimplemented
 from router.metrics import Metrics
 
+# A servicer context of these untyped (bytes or any message) handlers.
+Context = grpc.aio.ServicerContext[Any, Any]
+
 logger = logging.getLogger("router.grpc")
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
@@ -52,7 +55,7 @@ def _model_of_raw(body: bytes) -> str:
         raise InvalidArgument(f"the request is not a valid message ({len(body)} bytes)") from None
 
 
-def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
+def _metadata_value(context: Context, name: str) -> str | None:
     """A request metadata value by lower-case key (gRPC keys arrive in lower case)."""
     for key, value in context.invocation_metadata() or ():
         if key == name:
@@ -84,21 +87,22 @@ class GrpcFrontend:
         self.config = config
         self.front.model_names = frozenset(m.name for m in config.models)
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
+    def _deadline(self, context: Context) -> float:
+        # None without a client deadline (grpc.aio does that, whatever its stubs say).
+        remaining: float | None = context.time_remaining()
         if remaining is None:
             remaining = self.config.limits.default_deadline_s
         return time.monotonic() + remaining
 
     def _handler(self, api: str, parse: Callable[[bytes], Any] | None, model_of: Callable[[Any], str],
                  fn: Callable[..., Awaitable[Any]], *, admit: bool = False,
-                 with_context: bool = False) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+                 with_context: bool = False) -> Callable[[Any, Context], Awaitable[Any]]:
         """One RPC: parse (a message that does not parse is INVALID_ARGUMENT, not UNKNOWN), admit
         (data-plane calls: the tenant's, the model's and the router's quotas), call, answer."""
         admission = self.admission
         front = self.front
 
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async def handle(raw: bytes, context: Context) -> Any:
             with front.request(api) as r:
                 try:
                     request = raw if parse is None else parse(raw)
@@ -122,7 +126,7 @@ class GrpcFrontend:
         return handle
 
     async def _predict(self, request: predict_pb2.PredictRequest, deadline: float,
-                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+                       context: Context) -> predict_pb2.PredictResponse:
         def header(name: str) -> str | None:
             # Read only when the model's routing asks (by lower-case name).
             return _metadata_value(context, name)
@@ -154,7 +158,7 @@ class GrpcFrontend:
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(api: str, fn: Any, req: Any = None, resp: Any = None,
                   model_of: Callable[[Any], str] = lambda r: r.model_spec.name, *, admit: bool = False,
-                  with_context: bool = False) -> grpc.RpcMethodHandler:
+                  with_context: bool = False) -> grpc.RpcMethodHandler[Any, Any]:
             # No request_deserializer: the handler parses, so a malformed message is the client's error.
             return grpc.unary_unary_rpc_method_handler(
                 self._handler(api, _parser(req) if req else None, model_of, fn, admit=admit,

@@ -242,7 +242,7 @@ class RestFrontend:
         except OSError as exc:
             raise BindError(f"cannot listen for REST on {cfg.host}:{cfg.port} ({exc.strerror}); "
                             "choose another with --rest-port or rest.port") from exc
-        sockets = self._listener.sockets or []
+        sockets: tuple[Any, ...] = tuple(self._listener.sockets or ())
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
         return self.port
 

@@ -61,7 +61,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
-        transport.write(frames.hello())
+        self.transport.write(frames.hello())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(f"connection to worker {self.name} lost" + (f": {exc}" if exc else ""))

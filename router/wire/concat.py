@@ -74,7 +74,7 @@ def _raw(tensor: TensorProto) -> bool:
 
 
 #: Typed fields holding exactly one value per element, in the dtype's own type.
-_PLAIN_FIELD = {
+_PLAIN_FIELD: dict[int, str] = {
     DT_FLOAT: "float_val", DT_DOUBLE: "double_val", DT_INT32: "int_val", DT_INT64: "int64_val",
     DT_BOOL: "bool_val", DT_UINT32: "uint32_val", DT_UINT64: "uint64_val",
 }
@@ -185,7 +185,7 @@ def _split_into(tensor: TensorProto, rows: Sequence[int], targets: Sequence[Tens
         content = tensor.tensor_content
         offset = 0
         for n, piece in zip(rows, targets):
-            piece.dtype = dtype  # type: ignore[assignment]
+            piece.dtype = dtype
             piece.tensor_content = content[offset:offset + n * row_bytes]
             dims = piece.tensor_shape.dim
             dims.add(size=n)
@@ -197,7 +197,7 @@ def _split_into(tensor: TensorProto, rows: Sequence[int], targets: Sequence[Tens
         values = tensor.string_val
         offset = 0
         for n, piece in zip(rows, targets):
-            piece.dtype = DT_STRING  # type: ignore[assignment]
+            piece.dtype = DT_STRING
             piece.string_val.extend(values[offset * per_row:(offset + n) * per_row])
             dims = piece.tensor_shape.dim
             dims.add(size=n)
