@@ -303,6 +303,12 @@ class CanaryController:
             if progress.state == RUNNING and now - progress.step_started >= progress.interval_s:
                 self.evaluate(model)
         for model, version in list(self._promoted.items()):
+            if model in self._retry_retire:
+                # Promoted while another rollout ran: the old version still has to be retired, even
+                # when that rollout already moved the default to the promoted version.
+                if self.rollouts.rollout is None:
+                    self._retire_old(model, version)
+                continue
             if self.registry.default.get(model) == version:
                 # The rollout switched: the default is the promoted version, the split has done its job.
                 del self._promoted[model]
@@ -310,8 +316,6 @@ class CanaryController:
                 if doc.get("split") == {str(version): 100}:
                     doc.pop("split")
                     self.apply(model, doc, keep_progress=True)
-            elif model in self._retry_retire and self.rollouts.rollout is None:
-                self._retire_old(model, version)
 
     def stop(self) -> None:
         self._stopping = True

@@ -12,6 +12,7 @@ from protos import model_pb2, status_pb2
 from router.analysis import VersionStats
 from router.config import from_dict
 from router.control.canary import ABORTED, PROMOTED, RUNNING, CanaryController
+from router.control.rollout import RolloutBusy
 from router.registry import Registry
 from router.metrics import Metrics
 from router.pool import READY, Backend, Pool
@@ -30,6 +31,8 @@ class Rollouts:
         self.passive = False  # workers.control: active (the router retires promoted-over versions)
 
     def request(self, model: str, version: int | None, reason: str) -> None:
+        if self.rollout is not None:
+            raise RolloutBusy("a rollout is running")
         self.requests.append((model, version))
 
 
@@ -108,6 +111,20 @@ def test_operator_weight_abort_and_promote() -> None:
     w.registry.switch("m", 2)  # the promotion's rollout switched the default
     w.advance(0.1)
     assert "split" not in w.canary.get("m")  # the split has done its job
+
+
+def test_a_promotion_during_a_rollout_that_already_switched_still_retires_the_old_version() -> None:
+    w = World()
+    w.rollouts.rollout = object()  # a rollout is running (the one that loaded both versions) ...
+    w.registry.switch("m", 2)  # ... and its switch already made the canary the default
+    w.canary.promote("m")
+    w.advance(0.1)
+    assert w.rollouts.requests == []  # busy: the retirement waits
+    w.rollouts.rollout = None  # that rollout ends
+    w.advance(0.1)
+    assert w.rollouts.requests == [("m", 2)]  # version 1 retires now
+    w.advance(0.1)
+    assert w.rollouts.requests == [("m", 2)] and "split" not in w.canary.get("m")
 
 
 def test_promotion_under_passive_control_moves_traffic_and_retires_nothing() -> None:
