@@ -249,6 +249,14 @@ class RouterProcess(_ChildProcess):
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read())
 
+    def worker_stats(self) -> dict[str, dict[str, Any]]:
+        """Every worker's own Stats (counts by transport, the operations journal), by worker name."""
+        out = {}
+        for w in self.status()["workers"]:
+            with grpc.insecure_channel(w["address"]) as channel:
+                out[w["name"]] = orjson.loads(channel.unary_unary("/tfsrouter.Worker/Stats")(b"", timeout=10))
+        return out
+
     def status(self, token: str | None = None) -> dict[str, Any]:
         code, body = self.admin("GET", "/v1/admin/status", token=token)
         assert code == 200, body

@@ -11,9 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
-import orjson
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -38,17 +36,9 @@ def frames_router(model_root: Path, logs_dir: Path) -> Iterator[RouterProcess]:
     assert router.terminate() == 0, router.log()
 
 
-def worker_stats(router: RouterProcess) -> dict[str, dict[str, Any]]:
-    out = {}
-    for w in router.status()["workers"]:
-        with grpc.insecure_channel(w["address"]) as channel:
-            out[w["name"]] = orjson.loads(channel.unary_unary("/tfsrouter.Worker/Stats")(b"", timeout=10))
-    return out
-
-
 def by_transport(router: RouterProcess) -> dict[str, int]:
     total: dict[str, int] = {}
-    for stats in worker_stats(router).values():
+    for stats in router.worker_stats().values():
         for via, n in stats["requests_by_transport"].items():
             total[via] = total.get(via, 0) + n
     return total

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import orjson
 import pytest
 
@@ -40,15 +39,6 @@ def start(base: Path, logs_dir: Path, *, workers: int = 2, env: dict[str, str] |
     router = RouterProcess(config, log_dir=logs_dir, env=env)
     router.wait_ready()
     return router
-
-
-def journals(router: RouterProcess) -> dict[str, dict[str, Any]]:
-    """Every worker's own Stats (with its operations journal), by worker name."""
-    out = {}
-    for w in router.status()["workers"]:
-        with grpc.insecure_channel(w["address"]) as channel:
-            out[w["name"]] = orjson.loads(channel.unary_unary("/tfsrouter.Worker/Stats")(b"", timeout=10))
-    return out
 
 
 def operations_under_traffic(stats: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -98,7 +88,7 @@ def test_rollout_under_load_keeps_every_invariant(mode: str, model_root: Path, t
         assert all(v == 2 for v in new.served) and all(v == 1 for v in old.served)
 
         # (a) from the workers' own journals: their loads, warm-ups and unloads saw no client call.
-        stats = journals(router)
+        stats = router.worker_stats()
         kinds = {(op["kind"], op["version"]) for s in stats.values() for op in s["operations"]}
         assert {("load", 2), ("warmup", 2), ("unload", 1)} <= kinds, kinds
         assert operations_under_traffic(stats) == []
@@ -255,7 +245,7 @@ def test_pool_of_one_rolls_out_through_a_surge_worker(model_root: Path, tmp_path
         assert phases.index(("w1", "join")) < phases.index(("w0", "drain"))  # the surge stood in first
         assert len(seen_pids) >= 2 and len(router.worker_pids()) == 1
         assert [w["name"] for w in router.status()["workers"]] == ["w0"]
-        assert operations_under_traffic(journals(router)) == []
+        assert operations_under_traffic(router.worker_stats()) == []
     finally:
         assert router.terminate() == 0, router.log()
 
