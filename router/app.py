@@ -50,6 +50,8 @@ from workers import supervisor as sup
 log = logging.getLogger("router.app")
 
 HEALTH_FAILURES_BEFORE_DEAD = 3
+# After a drain that answered requests, how long connections stay open for clients to read them.
+SHUTDOWN_LINGER_S = 0.5
 
 
 class App:
@@ -431,7 +433,12 @@ class App:
             await self.grpc.set_serving(False)
         except Exception:  # health state is best effort during shutdown
             pass
+        busy = self.grpc.active + self.rest.active
         await asyncio.gather(self.grpc.stop(grace), self.rest.stop(), return_exceptions=True)
+        if busy:
+            # The last answers are sent, not yet read: closing the connections now could reset
+            # them under a client still reading a large answer (it would lose its tail).
+            await asyncio.sleep(SHUTDOWN_LINGER_S)
         self.canary.stop()
         await self.controller.stop()
         await self.admin.stop()
