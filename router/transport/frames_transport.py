@@ -7,9 +7,9 @@ health, forwarded calls) over the worker's gRPC API, through the
 ``GrpcTransport`` it wraps.
 
 The connection is opened on first use and after it is lost, with a
-handshake: a worker that refuses the protocol version (or does not speak
-it) makes this transport send Predict over gRPC from then on, said once in
-the log.  Every call carries the caller's remaining deadline; a call given
+handshake: a worker that refuses the protocol version (or has no frames
+socket at all) makes this transport send Predict over gRPC from then on,
+said once in the log.  Every call carries the caller's remaining deadline; a call given
 up on (deadline passed, or the client went away) sends CANCEL, so a request
 the worker has not started never runs.  A lost connection, or bytes that are
 not the protocol, fail every call in flight on it with ``TransportError``:
@@ -147,6 +147,10 @@ class FramesTransport:
             loop = asyncio.get_running_loop()
             try:
                 _, connection = await loop.create_unix_connection(lambda: _Connection(self.name), self.path)
+            except FileNotFoundError as exc:
+                # No frames socket at all (a worker started without --frames-listen), unlike a
+                # socket nobody answers on (a worker that died): this worker speaks gRPC only.
+                raise ProtocolRefused(f"worker {self.name} has no frames socket at {self.path}") from exc
             except OSError as exc:
                 raise TransportError(f"cannot reach worker {self.name} at {self.path}: {exc}") from exc
             try:

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -225,11 +226,33 @@ def test_a_broken_connection_fails_the_call_as_a_transport_error_and_the_next_ca
     run(main)
 
 
-def test_no_worker_listening_is_a_transport_error(tmp_path: Path) -> None:
+def test_a_socket_nobody_answers_on_is_a_transport_error(tmp_path: Path) -> None:
+    path = tmp_path / "dead.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, never listening: what a dead worker leaves behind
+    stale.close()
+
     async def main() -> None:
-        t = FramesTransport("w0", f"unix:{tmp_path / 'nobody.sock'}", FakeTransport())
+        t = FramesTransport("w0", f"unix:{path}", FakeTransport())
         with pytest.raises(TransportError, match="cannot reach worker w0"):
             await t.predict(request(1), 1.0)
+        assert not t.refused  # tried again on the next call
+        await t.close()
+
+    run(main)
+
+
+def test_a_worker_without_a_frames_socket_gets_predict_over_grpc(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        grpc_side = FakeTransport()
+        t = FramesTransport("w0", f"unix:{tmp_path / 'none.sock'}", grpc_side)
+        with caplog.at_level(logging.ERROR, logger="router.transport.frames"):
+            for i in (1, 2):
+                await t.predict(request(i), 1.0)
+        assert t.refused and len(grpc_side.predicts) == 2
+        assert [r.message for r in caplog.records] == [
+            f"worker w0 has no frames socket at {tmp_path / 'none.sock'}; sending its Predict calls over gRPC"]
         await t.close()
 
     run(main)
