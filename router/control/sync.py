@@ -84,7 +84,7 @@ async def hold(backend: Backend, models: Iterable[ModelConfig], versions: Mappin
                registry: Registry, generation: int, timeout: float, pace: str | None = None) -> None:
     """Make the worker hold exactly ``versions``; LoadFailed names the first version that is not AVAILABLE.
 
-    ``pace``: the worker is out of rotation and may convert in bursts (``pool.PACE_KEY``).
+    ``pace``: the worker is out of rotation and may convert in bursts (``shared.marks.PACE_KEY``).
     """
     models = list(models)
     transport = backend.transport

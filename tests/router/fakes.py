@@ -1,4 +1,4 @@
-"""A scripted TF Serving worker behind the transport seam (``router.pool.Transport``).
+"""A scripted TF Serving worker behind the transport seam (``router.transport.Transport``).
 
 The only fake the router's tests use: everything above the transport (pool,
 registry, rollout controller, data plane, batcher) is the real code.
