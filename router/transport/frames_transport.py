@@ -107,7 +107,9 @@ class _Connection(asyncio.Protocol):
 
     def call(self, payload: bytes, timeout: float) -> tuple[int, asyncio.Future[bytes]]:
         """Send one PREDICT; its id and the future of its answer's payload."""
-        assert self.transport is not None
+        if self.closed or self.transport is None:
+            # Lost between the handshake and this call: nothing would ever answer it.
+            raise TransportError(f"connection to worker {self.name} lost")
         self._next = (self._next + 1) & 0xFFFFFFFF
         id_ = self._next
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

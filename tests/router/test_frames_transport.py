@@ -280,3 +280,16 @@ def test_a_worker_of_another_version_is_refused_and_predict_goes_over_grpc(
             await t.close()
 
     run(main)
+
+
+def test_a_call_on_a_connection_lost_after_its_handshake_fails_at_once() -> None:
+    from router.transport.frames_transport import _Connection
+
+    async def main() -> None:
+        connection = _Connection("w0")
+        connection.connection_lost(None)  # lost between the handshake and the call
+        with pytest.raises(TransportError, match="lost"):
+            connection.call(b"", 5.0)
+        assert connection.calls == {}  # nothing left waiting for an answer that cannot come
+
+    run(main)
