@@ -9,6 +9,11 @@ slot is busy, requests accumulate; when a slot frees, the queue head, up to
 and high load gets large batches.  ``batch_timeout_micros`` > 0 adds TF
 Serving's wait for a fuller batch.
 
+A batch is sent by the dispatcher (``router.dispatch``), on the slot its
+queue claimed; a batch whose worker dies or drops the version under it is
+sent once more elsewhere, and it keeps counting against the model's
+``max_concurrent_batches`` until that resend is answered.
+
 Guarantees: a request cancelled by its client or past its deadline while
 queued is dropped before its batch forms and never computed; one bad request
 never fails another (a batch the worker rejects with INVALID_ARGUMENT is

@@ -27,6 +27,7 @@ from router.traffic import Headers
 from shared.errors import InvalidArgument, ServingError, Unavailable
 from router.dispatch import Dispatcher, predict_call, raw_call
 from router.pool import ANY_VERSION, Pool
+from router.transport import TransportError
 from router.wire.concat import batch_rows
 from shared.tensor import num_elements
 from shared.signature import Signature, find_signature
@@ -90,8 +91,8 @@ class DataPlane:
             try:
                 response = await self._predict(request, version, sig, deadline)
             except (VersionWithdrawn, Unavailable) as exc:
-                if not chosen_by_router:
-                    raise
+                if not chosen_by_router or isinstance(exc, TransportError):
+                    raise  # a worker lost under the call was retried elsewhere already (dispatch)
                 # Resolved to a version that left the pool, or that no worker can
                 # take any more, while the request waited (the default, just
                 # before a switch): the client named no version, so the version
@@ -99,7 +100,7 @@ class DataPlane:
                 spec.ClearField("version")
                 first = version
                 version, sig = self.signature(spec, headers)
-                if version == first and not isinstance(exc, VersionWithdrawn):
+                if version == first:
                     raise
                 self.dispatcher.on_retry(spec.name, "version_withdrawn")
                 response = await self._predict(request, version, sig, deadline)

@@ -160,15 +160,15 @@ class Pool:
         self.set_state(backend, DEAD)
 
     def set_state(self, backend: Backend, state: str) -> None:
-        """The one way a worker's state changes, and what follows from it: a worker that
-        joins the rotation takes the waiters it can serve at once; when one leaves it,
+        """The one way a worker's state changes, and what follows from it: a worker in
+        rotation afterwards takes the waiters it can serve at once; when one leaves it,
         waiters that no other worker can serve get UNAVAILABLE instead of waiting out
         their deadline."""
         was = backend.routable
         backend.state = state
         if backend.routable:
-            if not was:
-                self.wake(backend)
+            # Also when it stayed in rotation: it may hold versions now that waiters want.
+            self.wake(backend)
         elif was or state == DEAD:
             self.fail_waiters()
 

@@ -162,4 +162,5 @@ class PassiveSync:
             allowed = numbers if kind == "specific" else None
             self.registry.switch(m.name, choose_default(self.registry.default.get(m.name), counts, allowed))
         self.pool.fail_waiters()  # requests waiting for a version no worker reports any more
+        self.pool.wake()  # and those waiting for one a worker in rotation reports now
         self._on_change()

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from shared import frames
-from shared.errors import CODE_BY_NUMBER, DeadlineExceeded, Internal, from_code
+from shared.errors import CODE_BY_NUMBER, DeadlineExceeded, Internal, InvalidArgument, from_code
 from router.transport import Transport, TransportError
 
 log = logging.getLogger("router.transport.frames")
@@ -41,6 +41,12 @@ class _Expired(Exception):
 def _expire(future: asyncio.Future[bytes]) -> None:
     if not future.done():
         future.set_exception(_Expired())
+
+
+def _retrieve(attempt: asyncio.Future[_Connection]) -> None:
+    """Mark a failed attempt's error as seen (its callers may all have given up already)."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 class ProtocolRefused(Exception):
@@ -112,10 +118,13 @@ class _Connection(asyncio.Protocol):
             raise TransportError(f"connection to worker {self.name} lost")
         self._next = (self._next + 1) & 0xFFFFFFFF
         id_ = self._next
+        try:
+            parts = frames.encode_parts(frames.PREDICT, payload, id=id_, deadline_us=int(timeout * 1e6))
+        except frames.FrameError as exc:
+            raise InvalidArgument(f"the request is too large for the worker transport: {exc}") from None
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.calls[id_] = future
-        self.transport.writelines(frames.encode_parts(frames.PREDICT, payload, id=id_,
-                                                      deadline_us=int(timeout * 1e6)))
+        self.transport.writelines(parts)
         return id_, future
 
     def cancel(self, id_: int) -> None:
@@ -134,41 +143,64 @@ class FramesTransport:
         self.control = control
         self.refused = False  # the worker does not speak our version: Predict goes over gRPC
         self._connection: _Connection | None = None
-        self._connecting: asyncio.Lock | None = None
+        # One connection attempt at a time, shared by every call that needs it.
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._closed = False
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, timeout: float) -> _Connection:
+        """The open connection, or one opened now (waited for at most ``timeout``)."""
         connection = self._connection
         if connection is not None and not connection.closed:
             return connection
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            connection = self._connection
-            if connection is not None and not connection.closed:
-                return connection
-            loop = asyncio.get_running_loop()
-            try:
-                _, connection = await loop.create_unix_connection(lambda: _Connection(self.name), self.path)
-            except FileNotFoundError as exc:
-                # No frames socket at all (a worker started without --frames-listen), unlike a
-                # socket nobody answers on (a worker that died): this worker speaks gRPC only.
-                raise ProtocolRefused(f"worker {self.name} has no frames socket at {self.path}") from exc
-            except OSError as exc:
-                raise TransportError(f"cannot reach worker {self.name} at {self.path}: {exc}") from exc
-            try:
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-                    await connection.welcome
-            except TimeoutError:
-                connection._fail("no answer to the handshake")
-                raise TransportError(f"worker {self.name} did not answer the frames handshake") from None
-            self._connection = connection
-            return connection
+        if self._closed:
+            raise TransportError(f"transport to worker {self.name} closed")
+        attempt = self._connecting
+        if attempt is None or attempt.done():
+            attempt = self._connecting = asyncio.ensure_future(self._open())
+            attempt.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(timeout):
+                # Shielded: a caller that gives up does not abort the attempt the others wait for.
+                return await asyncio.shield(attempt)
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded connecting to worker {self.name}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.cancelled() and task is not None and not task.cancelling():
+                # The attempt was abandoned (this transport closed), not this call.
+                raise TransportError(f"transport to worker {self.name} closed") from None
+            raise
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_unix_connection(lambda: _Connection(self.name), self.path)
+        except FileNotFoundError as exc:
+            # No frames socket at all (a worker started without --frames-listen), unlike a
+            # socket nobody answers on (a worker that died): this worker speaks gRPC only.
+            raise ProtocolRefused(f"worker {self.name} has no frames socket at {self.path}") from exc
+        except OSError as exc:
+            raise TransportError(f"cannot reach worker {self.name} at {self.path}: {exc}") from exc
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                await connection.welcome
+        except TimeoutError:
+            connection._fail("no answer to the handshake")
+            raise TransportError(f"worker {self.name} did not answer the frames handshake") from None
+        except BaseException:  # refused, lost, or this transport closed meanwhile
+            connection._fail("handshake abandoned")
+            raise
+        if self._closed:
+            connection._fail(f"transport to worker {self.name} closed")
+            raise TransportError(f"transport to worker {self.name} closed")
+        self._connection = connection
+        return connection
 
     async def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
         if self.refused:
             return await self.control.predict(request, timeout)
         try:
-            connection = await self._connect()
+            connection = await self._connect(timeout)
         except ProtocolRefused as exc:
             self.refused = True
             log.error("%s; sending its Predict calls over gRPC", exc)
@@ -217,6 +249,9 @@ class FramesTransport:
         return await self.control.healthy(timeout)
 
     async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
         connection, self._connection = self._connection, None
         if connection is not None:
             connection._fail(f"transport to worker {self.name} closed")

@@ -293,3 +293,47 @@ def test_a_call_on_a_connection_lost_after_its_handshake_fails_at_once() -> None
         assert connection.calls == {}  # nothing left waiting for an answer that cannot come
 
     run(main)
+
+
+class Silent(asyncio.Protocol):
+    """A 'worker' that accepts connections and never answers the handshake (a wedged loop)."""
+
+    opened = 0
+    closed = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Silent.opened += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        Silent.closed += 1
+
+
+def test_calls_waiting_for_a_handshake_share_one_attempt_and_keep_their_deadlines(tmp_path: Path) -> None:
+    Silent.opened = Silent.closed = 0
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(Silent, str(tmp_path / "w.sock"))
+        t = FramesTransport("w0", f"unix:{tmp_path / 'w.sock'}", FakeTransport())
+        results = await asyncio.gather(*(t.predict(request(i), 0.2) for i in range(3)), return_exceptions=True)
+        # Each call gave up at its own deadline (none waited out the 5 s handshake limit,
+        # nor another call's attempt), and the three shared one connection attempt.
+        assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        assert Silent.opened == 1
+        # Closing the transport mid-handshake abandons the attempt and closes its connection.
+        waiting = asyncio.ensure_future(t.predict(request(4), 30.0))
+        await asyncio.sleep(0.05)
+        await t.close()
+        with pytest.raises(TransportError, match="closed"):
+            await waiting
+        for _ in range(100):
+            if Silent.closed == Silent.opened:
+                break
+            await asyncio.sleep(0.01)
+        assert Silent.closed == Silent.opened == 1
+        with pytest.raises(TransportError, match="closed"):
+            await t.predict(request(5), 1.0)  # a closed transport stays closed
+        server.close()
+        await server.wait_closed()
+
+    run(main)

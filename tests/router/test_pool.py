@@ -278,6 +278,27 @@ def test_wake_hands_a_newly_ready_worker_to_waiters() -> None:
     run(main())
 
 
+def test_a_worker_that_stays_in_rotation_and_gains_a_version_takes_its_waiters() -> None:
+    a = backend("a")  # holds version 1, its one slot busy
+    b = backend("b", versions={"m": [2]}, max_inflight=2)  # in rotation, idle, loading 1 in place
+    p = pool(a, b)
+
+    async def main() -> None:
+        assert p.try_acquire("m", 1) is a
+        waiter = start(p.acquire("m", 1, soon()))
+        await settle()
+        assert p.queued == 1
+        b.versions = {"m": {1: vstatus(1), 2: vstatus(2)}}  # the in-place load finished
+        p.set_state(b, READY)  # the step ends: still in rotation, now holding version 1
+        await settle()
+        assert waiter.done() and await waiter is b  # not left waiting for a's slot
+        p.release(b, "m")
+        p.release(a, "m")
+        assert inflight(p) == [0, 0]
+
+    run(main())
+
+
 def test_waiter_past_its_deadline_leaks_nothing() -> None:
     a = backend("a")
     p = pool(a)
