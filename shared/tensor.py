@@ -122,17 +122,19 @@ def num_elements(shape: tuple[int, ...]) -> int:
     return count
 
 
-def to_numpy(tensor: TensorProto) -> np.ndarray[Any, Any]:
+def to_numpy(tensor: TensorProto, shape: tuple[int, ...] | None = None) -> np.ndarray[Any, Any]:
     """Decode a TensorProto; raises InvalidArgument when it is malformed.
 
     Numeric tensors sent as ``tensor_content`` come back as read-only views
-    over the message's bytes (no copy).
+    over the message's bytes (no copy).  ``shape``: the tensor's shape when
+    the caller read it already (``Signature.plan``), so it is not read twice.
     """
     dtype = tensor.dtype
     np_dtype = NUMPY_DTYPE.get(dtype)
     if np_dtype is None:
         raise InvalidArgument(f"tensor dtype {dtype_name(dtype)} is not supported")
-    shape = shape_of(tensor)
+    if shape is None:
+        shape = shape_of(tensor)
     count = num_elements(shape)
 
     if dtype == DT_STRING:

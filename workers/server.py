@@ -124,7 +124,8 @@ def enter_idle_class() -> None:
 def _run(loaded: LoadedVersion, request: predict_pb2.PredictRequest) -> tuple[Signature, dict[str, Any]]:
     sig = loaded.signature(request.model_spec.signature_name)
     plan = sig.plan(request.inputs, request.output_filter)
-    arrays = {n: to_numpy(request.inputs[n]) for n in plan.names}
+    inputs = request.inputs
+    arrays = {n: to_numpy(inputs[n], shape) for n, shape in zip(plan.names, plan.shapes)}
     return sig, loaded.execute(sig, plan.names, plan.outputs, arrays)
 
 
