@@ -204,7 +204,7 @@ class App:
             count, self._socket_dir, numa=w.numa, sysfs_root=w.sysfs_root,
             cpus_per_worker=w.cpus_per_worker, intra_op_threads=w.intra_op_threads,
             inter_op_threads=w.inter_op_threads, predict_threads=w.predict_threads,
-            allocator=w.allocator, frames=w.transport != "grpc", executor=w.executor,
+            allocator=w.allocator, frames=w.transport != "grpc",
             extra_args=("--parent-pid", str(os.getpid()), "--nice", str(w.nice)),
         )
 

@@ -79,9 +79,6 @@ class WorkersConfig:
     intra_op_threads: int = 0  # 0: the worker's CPU count
     inter_op_threads: int = 0  # 0: 1 or 2 by CPU count
     predict_threads: int = 0  # threads running TF calls per worker; 0: inline on its loop (measured fastest)
-    # How a spawned worker runs TF: eager (a traced tf.function) or session (experimental: a TF1
-    # Session callable on the caller's thread, cheaper per call; workers/runtime.py says why not default).
-    executor: str = "eager"
     max_inflight: int = 4  # requests or batches in flight per worker
     allocator: str = ""  # a malloc .so to LD_PRELOAD into workers (e.g. jemalloc)
     # Workers run at the lowest CPU priority: where they share cores with the
@@ -420,8 +417,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("workers.count: must be at least 1")
     if w.mode == "static" and not w.addresses:
         raise ConfigError("workers.addresses: static mode needs at least one address")
-    if w.executor not in ("eager", "session"):
-        raise ConfigError(f"workers.executor: {w.executor!r} (use eager or session)")
     if w.transport not in ("auto", "grpc", "frames"):
         raise ConfigError(f"workers.transport: {w.transport!r} (use auto, grpc or frames)")
     if w.transport == "frames" and w.mode != "spawn":

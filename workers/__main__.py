@@ -78,9 +78,6 @@ def parser() -> argparse.ArgumentParser:
                    help="bind memory allocations to this NUMA node (like numactl --membind)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="TF intra-op threads (0: TF default)")
     p.add_argument("--inter-op-threads", type=int, default=0, help="TF inter-op threads (0: TF default)")
-    p.add_argument("--executor", choices=("eager", "session"), default="eager",
-                   help="how TF runs a request: eager (a traced tf.function, the default) or session (experimental: "
-                        "a TF1 Session callable on the caller's thread, cheaper per call; see workers/runtime.py)")
     p.add_argument("--predict-threads", type=int, default=0,
                    help="threads running TF calls; 0 (default) runs them inline on the event loop, "
                         "measured fastest (no thread hand-off per call)")
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from workers import runtime, server  # imports TensorFlow
 
-    runtime.start_threads(args.intra_op_threads or None, args.inter_op_threads or None, args.executor)
+    runtime.start_threads(args.intra_op_threads or None, args.inter_op_threads or None)
 
     def on_bound(address: str) -> None:
         print(f"tfs-worker listening on {address}", flush=True)

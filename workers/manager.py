@@ -264,9 +264,7 @@ class ModelManager:
             log.info("unloading %s version %d (%d in flight)", entry.name, slot.version, slot.inflight)
             if slot.inflight:
                 await slot.idle.wait()
-            loaded, slot.loaded = slot.loaded, None
-            if loaded is not None:
-                loaded.close()
+            slot.loaded = None
             slot.state = END
             # The version's objects were frozen after its load; thaw, collect the
             # cycles TF leaves behind and freeze the survivors again.  Off the loop:

@@ -1,23 +1,11 @@
 """One loaded SavedModel version and the calls into its TF runtime.
 
-Loads TF2 and TF1-style SavedModels and reads the SignatureDefs from
-``saved_model.pb`` exactly as TF Serving reports them.  A request runs
-through an *executor*, one per (signature, sorted input names, sorted
-outputs), taking its inputs in sorted order and fetching only the requested
-outputs (TF Serving's output_filter prunes the graph the same way).  Two
-kinds (``--executor``, the process's choice at start):
-
-* ``eager`` (the default): the model loaded with ``tf.saved_model.load``, each
-  executor a ``tf.function`` traced over the signature;
-* ``session`` (experimental): the model loaded into a TF1 ``Session`` (as TF
-  Serving itself runs models), each executor a session callable run on the
-  caller's thread (``RunOptions.inter_op_thread_pool = -1``: no hand-off to
-  TF's inter-op pool; measured 0.05-0.13 ms of CPU per batch-1 call of the
-  demo model against 0.27-0.36 ms eager); the session runs every op on the
-  calling thread (``inter_op_parallelism_threads = -1``), so a load's restore
-  ops run on the idle-class, paced load thread as eager loads do.  Not the
-  default yet: its effect on a hot update (``make bench-rollout``) is not
-  measured.  Because the key is built from sorted names,
+Loads TF2 and TF1-style SavedModels with ``tf.saved_model.load`` and reads the
+SignatureDefs from ``saved_model.pb`` exactly as TF Serving reports them.  A
+request runs through an *executor*: a ``tf.function`` traced once per
+(signature, sorted input names, sorted outputs), taking its inputs in sorted
+order and fetching only the requested outputs (TF Serving's output_filter
+prunes the graph the same way).  Because the key is built from sorted names,
 the order in which a client lists its inputs can never create a new executor
 (seed 001: one executor per input order grew TF Serving's memory to OOM).
 
@@ -35,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2, saved_model_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.eager import context as tf_context
 from tensorflow.python.framework.ops import EagerTensor
 
@@ -46,16 +34,11 @@ from shared.signature import Signature, find_signature
 log = logging.getLogger("workers.runtime")
 
 SERVE_TAG = "serve"
-# TF2 exports keep their init op as a signature; it is run by the loader, never served.
-INIT_OP_SIGNATURE_KEY = "__saved_model_init_op"
-EXECUTORS = ("eager", "session")
-_executor_kind = "eager"
-_session_config: Any = None
 
 ExecutorKey = tuple[str, tuple[str, ...], tuple[str, ...]]
 
 
-def start_threads(intra_op: int | None, inter_op: int | None, executor: str = "eager") -> None:
+def start_threads(intra_op: int | None, inter_op: int | None) -> None:
     """Size TF's thread pools and create them now, on the calling (main) thread.
 
     TF creates its eager context, its intra-op (Eigen, unnamed: TF's name
@@ -68,24 +51,11 @@ def start_threads(intra_op: int | None, inter_op: int | None, executor: str = "e
     use; started here too, so that the load threads stay the only idle-class
     threads and a test can say so.
     """
-    global _executor_kind, _session_config
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r} (use {' or '.join(EXECUTORS)})")
-    _executor_kind = executor
     if intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     if inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     tf_context.ensure_initialized()
-    if executor == "session":
-        # inter_op -1: every op runs on the thread that calls the session, so a request runs on
-        # the worker's loop and a load's restore ops on its idle-class, paced load thread (no
-        # inter-op pool). The first session is made here, on the main thread, at normal priority,
-        # so that anything TF creates process-wide with it is not born idle-class.
-        _session_config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op or 0,
-                                                   inter_op_parallelism_threads=-1,
-                                                   allow_soft_placement=True)
-        tf.compat.v1.Session(graph=tf.Graph(), config=_session_config).close()
     (tf.constant(1) + 1).numpy()
     for _ in tf.data.Dataset.range(1):
         pass
@@ -130,18 +100,7 @@ class _Executor:
         device = tf_context.context().device_name
         tensors = [EagerTensor(a, device, d.as_datatype_enum) for a, d in zip(arrays, self.dtypes)]
         fn = self.function
-        return [value.numpy() for value in fn._call_flat(tensors, fn.captured_inputs)]
-
-
-@dataclass(frozen=True)
-class _SessionExecutor:
-    """A session callable fetching the signature's outputs, run on the caller's thread."""
-
-    run: Any  # the callable: arrays in, arrays out
-    outputs: tuple[str, ...]
-
-    def __call__(self, *arrays: Any) -> Sequence[Any]:
-        result: Sequence[Any] = self.run(*arrays)
+        result: Sequence[Any] = fn._call_flat(tensors, fn.captured_inputs)
         return result
 
 
@@ -153,29 +112,17 @@ class LoadedVersion:
         self.version = version
         self.path = path
         self.signature_defs = read_signature_defs(path)
-        self.kind = _executor_kind
-        self._session: Any = None
-        self._functions: dict[str, Any] = {}
-        self._tf_signatures: Any = {}
-        if self.kind == "session":
-            graph = tf.Graph()
-            self._session = tf.compat.v1.Session(graph=graph, config=_session_config)
-            with graph.as_default():
-                meta = tf.compat.v1.saved_model.loader.load(self._session, [SERVE_TAG], str(path))
-            self._tf_signatures = meta.signature_def
-            callable_names = set(meta.signature_def) - {INIT_OP_SIGNATURE_KEY}
-        else:
-            self._loaded = tf.saved_model.load(str(path), tags=[SERVE_TAG])
-            self._functions = dict(self._loaded.signatures)
-            callable_names = set(self._functions)
+        self._loaded = tf.saved_model.load(str(path), tags=[SERVE_TAG])
+        functions = dict(self._loaded.signatures)
         # Only signatures TF can call are servable; the others (e.g.
         # __saved_model_init_op) still appear in the metadata, as in TF Serving.
         self.signatures: dict[str, Signature] = {
             name: Signature.from_def(name, sig)
             for name, sig in self.signature_defs.items()
-            if name in callable_names
+            if name in functions
         }
-        self._executors: dict[ExecutorKey, _Executor | _SessionExecutor] = {}
+        self._functions = functions
+        self._executors: dict[ExecutorKey, _Executor] = {}
         self._lock = threading.Lock()
 
     @property
@@ -185,14 +132,7 @@ class LoadedVersion:
     def signature(self, name: str) -> Signature:
         return find_signature(self.signatures, name)
 
-    def close(self) -> None:
-        """Release what the version holds beyond its Python objects (a session's resources)."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-
-    def _executor(self, sig: Signature, inputs: tuple[str, ...],
-                  outputs: tuple[str, ...]) -> _Executor | _SessionExecutor:
+    def _executor(self, sig: Signature, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> _Executor:
         key = (sig.name, inputs, outputs)
         ex = self._executors.get(key)
         if ex is not None:
@@ -205,14 +145,7 @@ class LoadedVersion:
                 log.info("traced executor %s v%d %s outputs=%s", self.name, self.version, sig.name, outputs)
         return ex
 
-    def _trace(self, sig: Signature, inputs: tuple[str, ...],
-               outputs: tuple[str, ...]) -> _Executor | _SessionExecutor:
-        if self._session is not None:
-            tf_sig = self._tf_signatures[sig.name]
-            options = config_pb2.CallableOptions(feed=[tf_sig.inputs[n].name for n in inputs],
-                                                   fetch=[tf_sig.outputs[o].name for o in outputs])
-            options.run_options.inter_op_thread_pool = -1  # on the caller's thread
-            return _SessionExecutor(self._session._make_callable_from_options(options), outputs)
+    def _trace(self, sig: Signature, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> _Executor:
         function = self._functions[sig.name]
         specs = []
         for name in inputs:
@@ -253,7 +186,7 @@ class LoadedVersion:
             raise InvalidArgument(_tf_message(exc)) from exc
         except tf.errors.OpError as exc:
             raise Internal(_tf_message(exc)) from exc
-        return dict(zip(ex.outputs, results))
+        return {name: value.numpy() for name, value in zip(ex.outputs, results)}
 
 
 def _tf_message(exc: Exception) -> str:

@@ -155,7 +155,6 @@ def worker_specs(
     extra_args: Sequence[str] = (),
     allocator_dirs: Sequence[Path] | None = None,
     frames: bool = False,
-    executor: str = "eager",
 ) -> list[WorkerSpec]:
     """The specs of ``count`` workers listening on ``<socket_dir>/w<i>.sock``.
 
@@ -176,8 +175,7 @@ def worker_specs(
     "tcmalloc" or a path (:func:`find_allocator`, searching ``allocator_dirs``,
     default :func:`library_dirs`). ``extra_args`` are appended to every
     worker's argv.  ``frames``: each worker also serves Predict over the
-    router's framed protocol on ``<socket_dir>/w<i>.frames.sock``; ``executor``:
-    how they run TF (``--executor``).
+    router's framed protocol on ``<socket_dir>/w<i>.frames.sock``.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -223,8 +221,6 @@ def worker_specs(
             argv += ["--predict-threads", str(predict_threads)]
         if frames:
             argv += ["--frames-listen", str(frames_lib.socket_for(address))]
-        if executor != "eager":
-            argv += ["--executor", executor]
         argv += list(extra_args)
         specs.append(WorkerSpec(index, address, tuple(argv), dict(env), cpus))
     return specs

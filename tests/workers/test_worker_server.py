@@ -24,11 +24,10 @@ from tests.support import TEST_VOCAB, WorkerProcess, outputs_of, predict_request
 from workers.demo_model import example_inputs
 
 
-@pytest.fixture(scope="module", params=["eager", "session"])
-def worker(request: pytest.FixtureRequest, model_root: Path, logs_dir: Path) -> Iterator[WorkerProcess]:
-    # Every test here runs against both executors (workers/runtime.py).
+@pytest.fixture(scope="module")
+def worker(model_root: Path, logs_dir: Path) -> Iterator[WorkerProcess]:
     w = WorkerProcess("--model", f"ctr={model_root / 'ctr'}", "--model", f"tf1={model_root / 'tf1'}",
-                      "--version-policy", "all", "--executor", request.param, log_dir=logs_dir)
+                      "--version-policy", "all", log_dir=logs_dir)
     w.wait_serving()
     yield w
     assert w.terminate() == 0, w.log()
