@@ -345,3 +345,12 @@ def test_bad_quick_flag_values_are_config_errors() -> None:
 
 def test_model_config_policy_direct() -> None:
     assert ModelConfig("m", "/m", version_policy="specific:5,3").policy() == ("specific", (3, 5))
+
+
+@pytest.mark.parametrize("workers, message", [
+    ({"transport": "tcp"}, "workers.transport: 'tcp' (use auto, grpc or frames)"),
+    ({"transport": "frames", "mode": "static", "addresses": ["h:1"]}, "workers.transport: frames needs workers.mode: spawn"),
+])
+def test_worker_transport_is_checked(workers: dict[str, Any], message: str) -> None:
+    assert message in refused(minimal(workers=workers))
+    assert cfgmod.from_dict(minimal()).workers.transport == "auto"

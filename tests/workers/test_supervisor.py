@@ -619,3 +619,11 @@ def test_real_worker_runs_with_jemalloc_preloaded(tmp_path: Path) -> None:
         assert rec.of(0, "exited")[-1]["returncode"] == 0
 
     asyncio.run(main())
+
+
+def test_worker_specs_frames_socket(sysfs: Path, tmp_path: Path) -> None:
+    plain = _specs(sysfs, tmp_path, count=2, numa=False)
+    assert all("--frames-listen" not in s.argv for s in plain)
+    specs = _specs(sysfs, tmp_path, count=2, numa=False, frames=True)
+    for i, s in enumerate(specs):
+        assert _flag(s.argv, "--frames-listen") == f"unix:{tmp_path.absolute() / f'w{i}.frames.sock'}"
