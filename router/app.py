@@ -433,12 +433,20 @@ class App:
             await self.grpc.set_serving(False)
         except Exception:  # health state is best effort during shutdown
             pass
+        # Drain before the gRPC server stops: its stop closes every connection as soon as the
+        # last call returns, and a connection closed under a client still reading a large
+        # answer is reset (the client loses the answer's tail). So new calls are refused, the
+        # calls in flight finish, and their answers get time to be read before the server stops.
+        self.grpc.draining = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         busy = self.grpc.active + self.rest.active
-        await asyncio.gather(self.grpc.stop(grace), self.rest.stop(), return_exceptions=True)
+        while (self.grpc.active or self.rest.active) and loop.time() < end:
+            await asyncio.sleep(0.01)
         if busy:
-            # The last answers are sent, not yet read: closing the connections now could reset
-            # them under a client still reading a large answer (it would lose its tail).
-            await asyncio.sleep(SHUTDOWN_LINGER_S)
+            await asyncio.sleep(min(SHUTDOWN_LINGER_S, max(0.0, end - loop.time())))
+        await asyncio.gather(self.grpc.stop(max(0.0, end - loop.time())), self.rest.stop(),
+                             return_exceptions=True)
         self.canary.stop()
         await self.controller.stop()
         await self.admin.stop()

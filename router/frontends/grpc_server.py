@@ -23,7 +23,7 @@ from router.admission import Admission
 from router.config import Config
 from router.dataplane import DataPlane
 from router.frontends.served import Frontend
-from shared.errors import BindError, InvalidArgument, ServingError, Unimplemented
+from shared.errors import BindError, InvalidArgument, ServingError, Unavailable, Unimplemented
 from router.metrics import Metrics
 
 # A servicer context of these untyped (bytes or any message) handlers.
@@ -78,6 +78,7 @@ class GrpcFrontend:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.draining = False  # shutting down: new calls are refused, calls in flight finish
 
     @property
     def active(self) -> int:
@@ -105,6 +106,8 @@ class GrpcFrontend:
         async def handle(raw: bytes, context: Context) -> Any:
             with front.request(api) as r:
                 try:
+                    if self.draining:
+                        raise Unavailable("the server is shutting down")
                     request = raw if parse is None else parse(raw)
                     r.model = model = model_of(request)
                     deadline = self._deadline(context)
