@@ -95,7 +95,7 @@ class App:
         self.canary = CanaryController(config, self.registry, self.controller, self.stats, self.metrics)
         self.dispatcher = Dispatcher(self.pool, on_retry=self.metrics.retried)
         self.batcher = Batcher(self.pool, self.dispatcher, self.metrics)
-        self.dataplane = DataPlane(self.registry, self.pool, self.dispatcher, batcher=self.batcher,
+        self.dataplane = DataPlane(self.registry, self.dispatcher, batcher=self.batcher,
                                    on_answer=self._answered)
         def label(model: str) -> str:
             return model if self.config.model(model) is not None else "_unknown"

@@ -32,7 +32,7 @@ import math
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protos import predict_pb2

@@ -26,7 +26,7 @@ from router.registry import Registry, VersionWithdrawn
 from router.traffic import Headers
 from shared.errors import InvalidArgument, ServingError, Unavailable
 from router.dispatch import Dispatcher, predict_call, raw_call
-from router.pool import ANY_VERSION, Pool
+from router.pool import ANY_VERSION
 from router.transport import TransportError
 from router.wire.concat import batch_rows
 from shared.tensor import num_elements
@@ -49,10 +49,9 @@ class Resolved(NamedTuple):
 
 
 class DataPlane:
-    def __init__(self, control: Registry, pool: Pool, dispatcher: Dispatcher, *, batcher: Batcher | None = None,
+    def __init__(self, control: Registry, dispatcher: Dispatcher, *, batcher: Batcher | None = None,
                  on_answer: AnswerHook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
-        self.pool = pool
         self.dispatcher = dispatcher
         self.batcher = batcher
         # Every Predict answered, with the version that answered (or was chosen):

@@ -44,7 +44,7 @@ def dataplane(n: int = 2, *, script: list[Outcome] | None = None, max_inflight: 
     control.aspired = {"m": (1,)}
     retries: list[tuple[str, str]] = []
     dispatcher = Dispatcher(pool, on_retry=lambda m, why: retries.append((m, why)), clock=clock)
-    return DataPlane(control, pool, dispatcher, clock=clock), backends, retries
+    return DataPlane(control, dispatcher, clock=clock), backends, retries
 
 
 async def predict_call(transport: Transport, timeout: float) -> predict_pb2.PredictResponse:
@@ -122,7 +122,7 @@ def test_dispatch_retry_waits_for_another_worker_not_the_failed_one() -> None:
     dp, [a, b], retries = dataplane(2, script=[TransportError("worker unavailable")], max_inflight=1)
 
     async def main() -> None:
-        assert dp.pool.try_acquire("m", 1) is not None  # one worker busy: the call lands on the other
+        assert dp.dispatcher.pool.try_acquire("m", 1) is not None  # one worker busy: the call lands on the other
         busy = a if a.inflight else b
         free = b if busy is a else a
         task = asyncio.ensure_future(dp.dispatcher.send("m", 1, predict_call, soon()))
@@ -130,8 +130,8 @@ def test_dispatch_retry_waits_for_another_worker_not_the_failed_one() -> None:
             await asyncio.sleep(0)
         # free failed; its slot is free again, but the retry waits for busy.
         assert len(fake(free).predicts) == 1 and not task.done()
-        assert free.inflight == 0 and dp.pool.queued == 1
-        dp.pool.release(busy, "m")
+        assert free.inflight == 0 and dp.dispatcher.pool.queued == 1
+        dp.dispatcher.pool.release(busy, "m")
         await task
         assert len(fake(busy).predicts) == 1 and len(fake(free).predicts) == 1
         assert [a.inflight, b.inflight] == [0, 0]
@@ -205,7 +205,7 @@ def test_predict_is_normalized_before_dispatch() -> None:
     pool = make_pool(a)
     control = Registry(cfg, pool)
     control.aspired = {"m": (1, 2)}
-    dp = DataPlane(control, pool, Dispatcher(pool))
+    dp = DataPlane(control, Dispatcher(pool))
 
     async def main() -> None:
         await sync.hold(a, cfg.models, {"m": frozenset({1, 2})}, control, a.generation, 5)
@@ -243,7 +243,7 @@ def test_unversioned_request_whose_version_is_withdrawn_goes_to_the_new_default(
     registry.aspired = {"m": (1, 2)}
     registry.switch("m", 1)
     retries: list[tuple[str, str]] = []
-    dp = DataPlane(registry, pool, Dispatcher(pool, on_retry=lambda m, why: retries.append((m, why))))
+    dp = DataPlane(registry, Dispatcher(pool, on_retry=lambda m, why: retries.append((m, why))))
 
     def request(version: int | None = None) -> predict_pb2.PredictRequest:
         r = predict_pb2.PredictRequest()
@@ -304,8 +304,8 @@ def test_a_forwarded_call_holds_a_slot_and_a_drain_waits_for_it(method: str) -> 
                 break
             await asyncio.sleep(0)
         assert fake(a).raws and a.inflight == 1  # counted like a Predict
-        dp.pool.set_state(a, DRAINING)
-        idle = asyncio.ensure_future(dp.pool.wait_idle(a, 5))
+        dp.dispatcher.pool.set_state(a, DRAINING)
+        idle = asyncio.ensure_future(dp.dispatcher.pool.wait_idle(a, 5))
         await asyncio.sleep(0.02)
         assert not idle.done()  # the drain waits for it
         gate.set()
@@ -335,6 +335,6 @@ def test_a_forwarded_call_whose_worker_dies_is_retried_once_elsewhere(method: st
 
 def test_multi_inference_with_no_worker_in_rotation_is_unavailable() -> None:
     dp, [a], _ = dataplane(1)
-    dp.pool.set_state(a, DRAINING)
+    dp.dispatcher.pool.set_state(a, DRAINING)
     with pytest.raises(Unavailable):
         run(dp.forward_any(MULTI, b"", soon()))
