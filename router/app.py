@@ -43,6 +43,7 @@ from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
+from router.tls import ClientTls, ServerTls
 from router.transport import Transport, connect
 from shared import frames
 from workers import supervisor as sup
@@ -64,7 +65,11 @@ class App:
         if w.mode == "spawn":
             if w.socket_dir:
                 self._socket_dir = Path(w.socket_dir)
-                self._socket_dir.mkdir(parents=True, exist_ok=True)
+                self._socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # The workers' sockets are plaintext: only this user may reach them.
+                if self._socket_dir.stat().st_mode & 0o077:
+                    log.warning("workers.socket_dir %s was open to other users; now 0700", self._socket_dir)
+                    self._socket_dir.chmod(0o700)
                 self._own_socket_dir = False
             else:
                 self._socket_dir = Path(tempfile.mkdtemp(prefix="tfs-router-"))
@@ -90,6 +95,17 @@ class App:
         self.discovery = Discovery(w.addresses, resolver=resolver or system_resolver, refresh_s=w.dns_refresh_s,
                                    drop_after=w.dns_drop_after, add=self._add_worker, drop=self._drop_worker) \
             if w.mode == "static" and any(parse_dns(a) for a in w.addresses) else None
+        # TLS (router/tls.py): each listener's certificate and the links to workers, files watched.
+        self._tls_watched: list[ServerTls | ClientTls] = []
+        self._tls_failing: set[str] = set()  # workers whose TLS handshake fails now
+        grpc_tls, rest_tls, admin_tls = (self._server_tls(n, alpn) for n, alpn in
+                                         (("grpc", ()), ("rest", ("http/1.1",)), ("admin", ("http/1.1",))))
+        if config.quotas.tenant_from == "client_cert" and grpc_tls is not None and not grpc_tls.material.mutual:
+            raise ConfigError("quotas.tenant_from: client_cert needs client certificates on gRPC "
+                              "(the ssl_config_file's client_verify: true)")
+        self.worker_tls = ClientTls(w.tls, self.metrics.tls_reload_failed) if w.tls.enabled else None
+        if self.worker_tls is not None:
+            self._tls_watched.append(self.worker_tls)
         self.stats = VersionStats()
         self.registry.on_route = self.metrics.routing_fallback
         self.canary = CanaryController(config, self.registry, self.controller, self.stats, self.metrics)
@@ -103,10 +119,10 @@ class App:
         self.admission = Admission(
             config, on_shed=lambda tenant, model, why: self.metrics.quota_shed(tenant, label(model), why),
             on_admit=lambda tenant, model, waited: self.metrics.admitted(tenant, label(model), waited))
-        self.grpc = GrpcFrontend(config, self.dataplane, self.metrics, self.admission)
-        self.rest = RestFrontend(config, self.dataplane, self.registry, self.metrics, self.admission)
+        self.grpc = GrpcFrontend(config, self.dataplane, self.metrics, self.admission, tls=grpc_tls)
+        self.rest = RestFrontend(config, self.dataplane, self.registry, self.metrics, self.admission, tls=rest_tls)
         self.metrics.track_control(self._admission_families)
-        self.admin = AdminFrontend(config.admin, self.controller, self.canary, token=admin_token())
+        self.admin = AdminFrontend(config.admin, self.controller, self.canary, token=admin_token(), tls=admin_tls)
         self.supervisor: sup.Supervisor | None = None
         self._specs: dict[int, sup.WorkerSpec] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -114,6 +130,21 @@ class App:
         self._ready = asyncio.Event()
         self._stopping = False
         self._models_loader: tuple[Callable[[], tuple[ModelConfig, ...]], float] | None = None
+
+    def _server_tls(self, listener: str, alpn: tuple[str, ...]) -> ServerTls | None:
+        cfg = self.config.listener_tls(listener)
+        if not cfg.enabled or (listener == "admin" and self.config.admin.port < 0):
+            return None
+        tls = ServerTls(listener, cfg, self.metrics.tls_reload_failed, alpn=alpn)
+        self._tls_watched.append(tls)
+        return tls
+
+    def _worker_tls_failed(self, backend: Backend, details: str) -> None:
+        self.metrics.worker_tls_error(backend.name)
+        if backend.name not in self._tls_failing:
+            self._tls_failing.add(backend.name)
+            log.error("worker %s: TLS handshake failed (%s); out of rotation until its certificate verifies "
+                      "(workers.tls)", backend.name, details)
 
     def _admission_families(self) -> list[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -196,6 +227,8 @@ class App:
         self._spawn(self.canary.run(), "canary-controller")
         self._spawn(self._poll_forever(self.config.poll_interval_s), "poll")
         self._spawn(self._health_loop(), "health")
+        for tls in self._tls_watched:
+            self._spawn(tls.watch(), f"tls-{tls.name}")
 
     def _worker_specs(self, count: int) -> list[sup.WorkerSpec]:
         w = self.config.workers
@@ -347,6 +380,9 @@ class App:
         w = self.config.workers
         if w.mode == "spawn" and w.transport != "grpc":
             return connect(backend.name, backend.address, "frames", frames.socket_for(backend.address))
+        if self.worker_tls is not None and not backend.address.startswith("unix:"):
+            return connect(backend.name, backend.address, tls=self.worker_tls,
+                           on_tls_error=lambda details: self._worker_tls_failed(backend, details))
         return connect(backend.name, backend.address)
 
     def _connect(self, backend: Backend, pid: int | None = None) -> None:
@@ -402,6 +438,9 @@ class App:
                 healthy = await b.transport.healthy(timeout=max(0.5, interval))
                 if healthy:
                     self._health_failures[b.name] = 0
+                    if b.name in self._tls_failing:
+                        self._tls_failing.discard(b.name)
+                        log.info("worker %s: TLS handshake succeeds again", b.name)
                     if b.state == DEAD and self.config.workers.mode == "static":
                         log.info("worker %s answers again; re-syncing", b.name)
                         self._connect(b)
@@ -470,14 +509,22 @@ def describe(app: App, host: str) -> str:
     models = ", ".join(m.name for m in app.config.models)
     first = app.config.models[0].name
     shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    http = "https" if app.rest.tls is not None else "http"
     lines = [
         f"tfs-router serving {models}",
         f"  gRPC (TF Serving API): {shown}:{app.grpc_port}",
-        f"  REST (TF Serving API): http://{shown}:{app.rest_port}/v1/models/{first}",
-        f"  metrics:               http://{shown}:{app.rest_port}/monitoring/prometheus/metrics",
+        f"  REST (TF Serving API): {http}://{shown}:{app.rest_port}/v1/models/{first}",
+        f"  metrics:               {http}://{shown}:{app.rest_port}/monitoring/prometheus/metrics",
     ]
     if app.admin.port:
         lines.append(f"  admin:                 {app.admin.url}/v1/admin/status  (tfs-router status)")
-    lines.append(f"  try: curl http://{shown}:{app.rest_port}/v1/models/{first}")
+    secured = [f"{name}{' (client certificates required)' if tls.material.mutual else ''}"
+               for name, tls in (("gRPC", app.grpc.tls), ("REST", app.rest.tls), ("admin", app.admin.tls))
+               if tls is not None]
+    if secured:
+        lines.append(f"  TLS:                   {', '.join(secured)}")
+    lines.append(f"  try: curl {'--cacert CA.pem ' if app.rest.tls is not None else ''}"
+                 f"{http}://{shown}:{app.rest_port}/v1/models/{first}")
     return "\n".join(lines)
+
 

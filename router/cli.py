@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -38,10 +39,12 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str = "", timeout: float = 10.0) -> None:
+    def __init__(self, url: str, token: str = "", timeout: float = 10.0, cacert: str = "") -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        # https: the router's certificate is checked against this CA file (default: the system's roots)
+        self.context = ssl.create_default_context(cafile=cacert or None) if self.url.startswith("https:") else None
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -50,7 +53,7 @@ class AdminClient:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
                 result: dict[str, Any] = json.loads(resp.read() or b"{}")
                 return result
         except urllib.error.HTTPError as exc:
@@ -183,6 +186,9 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--admin", default=os.environ.get("TFS_ROUTER_ADMIN_URL", DEFAULT_ADMIN_URL),
                        help=f"the router's admin endpoint (default {DEFAULT_ADMIN_URL}; token from "
                             "TFS_ROUTER_ADMIN_TOKEN)")
+        p.add_argument("--cacert", default=os.environ.get("TFS_ROUTER_ADMIN_CACERT", ""),
+                       help="with an https:// endpoint: the CA file its certificate is checked against "
+                            "(default: the system's; or TFS_ROUTER_ADMIN_CACERT)")
 
     p = sub.add_parser("status", help="workers, models and rollouts of a running router")
     p.add_argument("--json", action="store_true", help="print the admin API's JSON")
@@ -212,7 +218,7 @@ def add_commands(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
-    client = AdminClient(args.admin, os.environ.get("TFS_ROUTER_ADMIN_TOKEN", ""))
+    client = AdminClient(args.admin, os.environ.get("TFS_ROUTER_ADMIN_TOKEN", ""), cacert=args.cacert)
     try:
         if args.command == "status":
             status = client.status()

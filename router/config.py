@@ -28,6 +28,46 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on a listener.  The top-level ``tls`` block is the default of the gRPC,
+    REST and admin listeners; a listener's own ``tls`` block, when it sets anything,
+    replaces it.  Files are PEM and re-read when they change (rotation)."""
+
+    cert_file: str = ""  # the certificate chain, leaf first
+    key_file: str = ""
+    # Mutual TLS: clients must present a certificate signed by this CA (with require_client_cert).
+    client_ca_file: str = ""
+    require_client_cert: bool = False
+    # TF Serving's SSLConfig text proto (server_key, server_cert, custom_ca, client_verify:
+    # PEM contents inline), instead of the files above (--ssl_config_file).
+    ssl_config_file: str = ""
+    plaintext: bool = False  # this listener stays plaintext even when the top-level block is set
+    reload_s: float = 2.0  # how often the files are checked for a change
+
+    @property
+    def configured(self) -> bool:
+        """The block says something (a listener's own block then replaces the top-level one)."""
+        return bool(self.cert_file or self.key_file or self.ssl_config_file or self.plaintext
+                    or self.client_ca_file or self.require_client_cert)
+
+    @property
+    def enabled(self) -> bool:
+        return not self.plaintext and bool(self.cert_file or self.ssl_config_file)
+
+
+@dataclass(frozen=True)
+class WorkerTlsConfig:
+    """TLS on the links to static and dns: workers over TCP (spawned workers use Unix sockets)."""
+
+    enabled: bool = False
+    ca_file: str = ""  # the CA that signed the workers' certificates ("": the system's roots)
+    cert_file: str = ""  # the router's own certificate and key, for workers that require one (mTLS)
+    key_file: str = ""
+    server_name: str = ""  # the name the workers' certificates carry, when not the address's host
+    reload_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class GrpcConfig:
     host: str = "0.0.0.0"
     port: int = 8500
@@ -42,6 +82,7 @@ class GrpcConfig:
     # channels on one connection: leave it to the admission gates unless a
     # single connection must be capped.
     max_concurrent_streams: int = 0
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass(frozen=True)
@@ -52,6 +93,7 @@ class RestConfig:
     max_connections: int = 4096  # open connections; more are closed at once
     max_header_bytes: int = 16384  # one header line (name and value)
     max_headers: int = 64
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass(frozen=True)
@@ -91,6 +133,7 @@ class WorkersConfig:
     startup_timeout_s: float = 180.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
+    tls: WorkerTlsConfig = field(default_factory=WorkerTlsConfig)
 
 
 @dataclass(frozen=True)
@@ -187,6 +230,10 @@ class QuotaConfig:
 @dataclass(frozen=True)
 class QuotasConfig:
     tenant_header: str = "x-tenant"  # HTTP header / gRPC metadata key naming the tenant; absent: "default"
+    # header: the tenant_header names the tenant; client_cert: the verified client certificate
+    # does (its subject's common name, else its first subject alternative name; needs mutual TLS
+    # on the gRPC and REST listeners).
+    tenant_from: str = "header"
     default: QuotaConfig = field(default_factory=QuotaConfig)  # every tenant the config does not name
     tenants: dict[str, QuotaConfig] = field(default_factory=dict)
 
@@ -285,6 +332,7 @@ class RolloutConfig:
 class AdminConfig:
     host: str = "127.0.0.1"  # a non-loopback address needs TFS_ROUTER_ADMIN_TOKEN
     port: int = 8502  # 0 picks a free one; -1 turns the admin endpoint off
+    tls: TlsConfig = field(default_factory=TlsConfig)  # required (with the token) off loopback
 
 
 @dataclass(frozen=True)
@@ -308,6 +356,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     poll_interval_s: float = 1.0  # how often base paths are scanned for new versions
     shutdown_timeout_s: float = 10.0
+    tls: TlsConfig = field(default_factory=TlsConfig)  # the default of grpc.tls, rest.tls and admin.tls
+
+    def listener_tls(self, listener: str) -> TlsConfig:
+        """The TLS settings a listener (grpc, rest or admin) uses: its own block, else the top-level one."""
+        own: TlsConfig = getattr(self, listener).tls
+        return own if own.configured else self.tls
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
@@ -496,8 +550,52 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"rest.{key}: must be at least 1")
     if cfg.limits.max_queued < 1:
         raise ConfigError("limits.max_queued: must be at least 1")
+    _validate_tls(cfg)
     if cfg.log.format not in ("text", "json"):
         raise ConfigError(f"log.format: {cfg.log.format!r} (use text or json)")
+
+
+def _validate_tls(cfg: Config) -> None:
+    blocks = [("tls", cfg.tls)] + [(f"{n}.tls", getattr(cfg, n).tls) for n in ("grpc", "rest", "admin")]
+    for where, t in blocks:
+        if t.ssl_config_file and (t.cert_file or t.key_file or t.client_ca_file or t.require_client_cert):
+            raise ConfigError(f"{where}: ssl_config_file carries the certificate, key and CA itself; "
+                              "leave cert_file, key_file, client_ca_file and require_client_cert out")
+        if bool(t.cert_file) != bool(t.key_file):
+            raise ConfigError(f"{where}: cert_file and key_file go together")
+        if t.require_client_cert and not t.client_ca_file:
+            raise ConfigError(f"{where}.require_client_cert: needs client_ca_file (the CA clients' certificates "
+                              "must chain to)")
+        if t.client_ca_file and not t.require_client_cert:
+            raise ConfigError(f"{where}.client_ca_file: used only with require_client_cert: true "
+                              "(client certificates are required and verified, or not asked for)")
+        if (t.client_ca_file or t.require_client_cert) and not (t.cert_file or t.ssl_config_file):
+            raise ConfigError(f"{where}: mutual TLS needs the server's own cert_file and key_file")
+        if t.reload_s <= 0:
+            raise ConfigError(f"{where}.reload_s: must be greater than 0")
+    for n in ("rest", "admin"):
+        if cfg.listener_tls(n).ssl_config_file:
+            raise ConfigError(f"{n}.tls: ssl_config_file applies to gRPC only, as in TF Serving; "
+                              "give the REST and admin listeners cert_file and key_file")
+    wt = cfg.workers.tls
+    if bool(wt.cert_file) != bool(wt.key_file):
+        raise ConfigError("workers.tls: cert_file and key_file go together")
+    if (wt.ca_file or wt.cert_file or wt.server_name) and not wt.enabled:
+        raise ConfigError("workers.tls: set enabled: true to use TLS to the workers (files given, TLS off)")
+    if wt.enabled and cfg.workers.mode != "static":
+        raise ConfigError("workers.tls: for static and dns: workers over TCP; spawned workers are reached "
+                          "over Unix sockets in a private directory")
+    if wt.reload_s <= 0:
+        raise ConfigError("workers.tls.reload_s: must be greater than 0")
+    q = cfg.quotas
+    if q.tenant_from not in ("header", "client_cert"):
+        raise ConfigError(f"quotas.tenant_from: {q.tenant_from!r} (use header or client_cert)")
+    if q.tenant_from == "client_cert":
+        for n in ("grpc", "rest"):
+            if not (cfg.listener_tls(n).enabled and (cfg.listener_tls(n).require_client_cert
+                                                     or cfg.listener_tls(n).ssl_config_file)):
+                raise ConfigError(f"quotas.tenant_from: client_cert needs mutual TLS on {n} "
+                                  f"({n}.tls or tls: client_ca_file and require_client_cert: true)")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

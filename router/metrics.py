@@ -243,6 +243,14 @@ class Metrics:
             "tfs_router_worker_restarts", "Worker processes restarted.",
             ("worker",), registry=r,
         )
+        self._tls_reload_failures = Counter(
+            "tfs_router_tls_reload_failures", "Changed certificate files that could not be used "
+            "(the last good ones stayed).", ("listener",), registry=r,
+        )
+        self._worker_tls_errors = Counter(
+            "tfs_router_worker_tls_errors", "Calls to a worker that failed its TLS handshake "
+            "(a certificate that does not verify: the worker stays out of rotation).", ("worker",), registry=r,
+        )
         self._retries = Counter(
             "tfs_router_retries", "Requests sent again to another worker.",
             ("model", "reason"), registry=r,
@@ -410,6 +418,12 @@ class Metrics:
         if child is None:
             child = self._restart_children[worker] = self._restarts.labels(worker)
         child.inc()
+
+    def tls_reload_failed(self, listener: str) -> None:
+        self._tls_reload_failures.labels(listener).inc()
+
+    def worker_tls_error(self, worker: str) -> None:
+        self._worker_tls_errors.labels(worker).inc()
 
     def remove_worker(self, worker: str) -> None:
         """Drops every series of a worker that left the pool for good."""

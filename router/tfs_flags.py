@@ -175,8 +175,12 @@ FLAGS: tuple[Flag, ...] = (
          "gRPC without transport security",
          accepts=(False,), refuse="the router serves gRPC without transport security; secure it in front of the "
                                   "router"),
-    Flag("ssl_config_file", "str", '""', REFUSED,
-         "the router serves gRPC without TLS; terminate TLS in front of it (a load balancer or sidecar)"),
+    Flag("ssl_config_file", "str", '""', SUPPORTED,
+         "gRPC over TLS from TF Serving's SSLConfig text proto (server_key, server_cert, custom_ca, "
+         "client_verify; PEM contents inline), as TF Serving: client_verify requires client certificates "
+         "signed by custom_ca; REST stays plain HTTP, as in TF Serving (`grpc.tls.ssl_config_file`; "
+         "re-read when the file changes)",
+         target="grpc.tls.ssl_config_file"),
     Flag("platform_config_file", "str", '""', REFUSED,
          "the router serves TensorFlow SavedModels only, with its own worker settings"),
     Flag("per_process_gpu_memory_fraction", "float", "0", SUPPORTED,

@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--frames-listen", metavar="unix:PATH",
                    help="also serve Predict over the router's framed protocol on this Unix socket "
                         "(the router's lean transport to its spawned workers)")
+    p.add_argument("--tls-cert-file", default="", help="serve gRPC over TLS with this certificate chain (PEM) ...")
+    p.add_argument("--tls-key-file", default="", help="... and this key (PEM); read at start")
+    p.add_argument("--tls-client-ca-file", default="",
+                   help="with TLS: clients must present a certificate this CA signed (mutual TLS)")
     p.add_argument("--model", action="append", default=[], help="NAME=BASE_PATH (repeatable)")
     p.add_argument("--version-policy", type=parse_policy, default=parse_policy("latest"),
                    help="for --model: latest[:N] (default latest:1), all, specific:V[,V...]")
@@ -101,7 +105,10 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if bool(args.tls_cert_file) != bool(args.tls_key_file) or (args.tls_client_ca_file and not args.tls_cert_file):
+        p.error("--tls-cert-file and --tls-key-file go together (and --tls-client-ca-file needs them)")
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             stop=stop,
             pacer=pacer,
             frames_listen=args.frames_listen,
+            credentials=server.tls_credentials(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
+            if args.tls_cert_file else None,
         )
         if watch is not None:
             watch.cancel()

@@ -375,6 +375,18 @@ def server_options() -> list[tuple[str, Any]]:
     ]
 
 
+def tls_credentials(cert_file: str, key_file: str, client_ca_file: str = "") -> grpc.ServerCredentials:
+    """TLS for the worker's gRPC port from PEM files (read once, at start); with ``client_ca_file``
+    clients (the router) must present a certificate that CA signed."""
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(client_ca_file) if client_ca_file else None
+    return grpc.ssl_server_credentials([(read(key_file), read(cert_file))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
 async def serve(
     listen: str,
     config: config_pb2.ModelServerConfig | None,
@@ -387,8 +399,11 @@ async def serve(
     stop: asyncio.Event | None = None,
     pacer: Pacer | None = None,
     frames_listen: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
     """Run the worker until ``stop`` is set; loads ``config`` after the port is bound.
+
+    ``credentials``: serve gRPC over TLS on ``listen`` (``tls_credentials``).
 
     ``frames_listen`` (``unix:PATH``): also serve Predict over the router's
     framed protocol there (``workers.frames_server``), bound before the
@@ -406,7 +421,7 @@ async def serve(
     server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs)
     server.add_generic_rpc_handlers(services.handlers())
     health_pb2_grpc.add_HealthServicer_to_server(services.health, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, credentials) if credentials is not None else server.add_insecure_port(listen)
     if port == 0 and not listen.startswith("unix:"):
         raise Internal(f"could not bind {listen}")
     bound = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"

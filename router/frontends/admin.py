@@ -15,8 +15,12 @@
 
 It listens on 127.0.0.1:8502 by default (``admin.host``, ``admin.port``).
 With ``TFS_ROUTER_ADMIN_TOKEN`` set, every request needs ``Authorization:
-Bearer <token>`` (401 otherwise); without a token it refuses to start on any
-address but a loopback one.  Errors are ``{"error": "..."}`` with 400 (bad
+Bearer <token>`` (401 otherwise; compared in constant time, never logged).
+On any address but a loopback one it refuses to start without both the token
+and TLS (``admin.tls`` or the top-level ``tls``): a token sent in the clear
+is anyone's.  A client address that fails authentication
+``AUTH_FAILURES_ALLOWED`` times within ``AUTH_WINDOW_S`` gets 429 (with
+Retry-After) until the window has passed, whatever it sends.  Errors are ``{"error": "..."}`` with 400 (bad
 request), 404 (no such model or worker) or 409 (does not fit the rollout's
 state).
 """
@@ -27,6 +31,9 @@ import hmac
 import ipaddress
 import logging
 import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -36,12 +43,16 @@ from shared.errors import BindError
 from router.config import AdminConfig, ConfigError
 from router.control.canary import CanaryController
 from router.control.rollout import Controller, RolloutBusy
+from router.tls import ServerTls
 from router.traffic import RoutingError
 
 log = logging.getLogger("router.admin")
 
 TOKEN_ENV = "TFS_ROUTER_ADMIN_TOKEN"
 JSON = "application/json"
+AUTH_FAILURES_ALLOWED = 5  # failed authentications per client address and window ...
+AUTH_WINDOW_S = 60.0  # ... after which that address is refused (429) until the window ends
+AUTH_TRACKED_MAX = 10_000  # client addresses remembered; the oldest are forgotten first
 
 
 def admin_token() -> str:
@@ -65,30 +76,72 @@ def _error(message: str, status: int) -> web.Response:
     return _json({"error": message}, status)
 
 
+class _AuthFailures:
+    """Failed authentications per client address, in fixed windows, in bounded memory."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # address -> (window start, failures)
+
+    def blocked_for(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: it may now)."""
+        entry = self._seen.get(address)
+        if entry is None:
+            return 0.0
+        start, failures = entry
+        left = start + AUTH_WINDOW_S - self._clock()
+        if left <= 0:
+            del self._seen[address]
+            return 0.0
+        return left if failures >= AUTH_FAILURES_ALLOWED else 0.0
+
+    def failed(self, address: str) -> int:
+        now = self._clock()
+        start, failures = self._seen.pop(address, (now, 0))
+        if now - start >= AUTH_WINDOW_S:
+            start, failures = now, 0
+        self._seen[address] = (start, failures + 1)
+        while len(self._seen) > AUTH_TRACKED_MAX:
+            self._seen.popitem(last=False)
+        return failures + 1
+
+
 class AdminFrontend:
     def __init__(self, config: AdminConfig, controller: Controller, canary: CanaryController, *,
-                 token: str) -> None:
-        if config.port >= 0 and not token and not is_loopback(config.host):
-            raise ConfigError(f"admin.host: {config.host} is not a loopback address; set {TOKEN_ENV} "
-                              "to a secret token to expose the admin endpoint there")
+                 token: str, tls: ServerTls | None = None) -> None:
+        if config.port >= 0 and not is_loopback(config.host) and (not token or tls is None):
+            missing = " and ".join(w for w, ok in (("TLS (admin.tls or tls: cert_file, key_file)", tls is not None),
+                                                   (f"a secret token in {TOKEN_ENV}", bool(token))) if not ok)
+            raise ConfigError(f"admin.host: {config.host} is not a loopback address: the admin API there "
+                              f"needs {missing}")
         self.config = config
         self.controller = controller
         self.canary = canary
+        self.tls = tls
         self._token = token.encode()
+        self._failures = _AuthFailures()
         self.runner: web.AppRunner | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self._token:
+            address = request.remote or "unknown"
+            wait = self._failures.blocked_for(address)
+            if wait > 0:
+                return web.Response(body=orjson.dumps({"error": "too many failed authentications; try later"}),
+                                    status=429, content_type=JSON, headers={"Retry-After": str(int(wait) + 1)})
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self._token):
+                if self._failures.failed(address) == AUTH_FAILURES_ALLOWED:
+                    log.warning("admin API: %d failed authentications from %s within %.0fs; refusing it "
+                                "until the window ends", AUTH_FAILURES_ALLOWED, address, AUTH_WINDOW_S)
                 return _error("missing or wrong admin token (Authorization: Bearer ...)", 401)
         try:
             response: web.StreamResponse = await handler(request)
@@ -208,7 +261,8 @@ class AdminFrontend:
             return
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.port, reuse_port=False)
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, reuse_port=False,
+                           ssl_context=self.tls.ssl_context() if self.tls is not None else None)
         try:
             await site.start()
         except OSError as exc:

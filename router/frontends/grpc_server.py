@@ -25,6 +25,7 @@ from router.dataplane import DataPlane
 from router.frontends.served import Frontend
 from shared.errors import BindError, InvalidArgument, ServingError, Unavailable, Unimplemented
 from router.metrics import Metrics
+from router.tls import ServerTls, grpc_client_identity
 
 # A servicer context of these untyped (bytes or any message) handlers.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -69,8 +70,10 @@ def _trailers(exc: ServingError) -> tuple[tuple[str, str], ...]:
 
 
 class GrpcFrontend:
-    def __init__(self, config: Config, dataplane: DataPlane, metrics: Metrics, admission: Admission) -> None:
+    def __init__(self, config: Config, dataplane: DataPlane, metrics: Metrics, admission: Admission, *,
+                 tls: ServerTls | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.dp = dataplane
         self.admission = admission
         self.metrics = metrics
@@ -102,6 +105,7 @@ class GrpcFrontend:
         (data-plane calls: the tenant's, the model's and the router's quotas), call, answer."""
         admission = self.admission
         front = self.front
+        by_cert = self.config.quotas.tenant_from == "client_cert"
 
         async def handle(raw: bytes, context: Context) -> Any:
             with front.request(api) as r:
@@ -112,7 +116,9 @@ class GrpcFrontend:
                     r.model = model = model_of(request)
                     deadline = self._deadline(context)
                     if admit:
-                        r.ticket = await admission.admit(_metadata_value(context, admission.header), model, deadline)
+                        tenant = grpc_client_identity(context.auth_context()) if by_cert \
+                            else _metadata_value(context, admission.header)
+                        r.ticket = await admission.admit(tenant, model, deadline)
                     if with_context:
                         return await fn(request, deadline, context)
                     return await fn(request, deadline)
@@ -218,7 +224,9 @@ class GrpcFrontend:
         server.add_generic_rpc_handlers(self.handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            address = f"{cfg.host}:{cfg.port}"
+            self.port = server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls is not None \
+                else server.add_insecure_port(address)
         except RuntimeError as exc:
             raise BindError(f"cannot listen for gRPC on {cfg.host}:{cfg.port} (in use?); "
                             "choose another with --grpc-port or grpc.port") from exc

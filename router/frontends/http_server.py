@@ -33,6 +33,7 @@ from router.dataplane import DataPlane, Resolved
 from router.frontends.served import Frontend
 from shared.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
+from router.tls import ServerTls, peercert_identity
 from router.wire import rest_json
 from shared.signature import find_signature
 from shared.tensor import fill, to_numpy
@@ -90,8 +91,9 @@ class _ConnectionLimit:
 
 class RestFrontend:
     def __init__(self, config: Config, dataplane: DataPlane, control: Registry, metrics: Metrics,
-                 admission: Admission) -> None:
+                 admission: Admission, *, tls: ServerTls | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.dp = dataplane
         self.control = control
         self.metrics = metrics
@@ -111,6 +113,13 @@ class RestFrontend:
         self.config = config
         self.front.model_names = frozenset(m.name for m in config.models)
 
+    def _tenant(self, request: web.Request) -> str | None:
+        """The tenant's name: the verified client certificate's (quotas.tenant_from: client_cert) or the header."""
+        if self.config.quotas.tenant_from == "client_cert":
+            transport = request.transport
+            return peercert_identity(transport.get_extra_info("peercert")) if transport is not None else None
+        return request.headers.get(self.admission.header)
+
     # -- handlers ------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -128,8 +137,7 @@ class RestFrontend:
                         raise Unimplemented(f"{verb} is not supported by this router's REST API; use gRPC")
                     deadline = time.monotonic() + self.config.limits.default_deadline_s
                     # Admitted before the body is even read: a refused request costs nothing more.
-                    r.ticket = await self.admission.admit(request.headers.get(self.admission.header), r.model,
-                                                          deadline)
+                    r.ticket = await self.admission.admit(self._tenant(request), r.model, deadline)
                     body, headers = await self._predict(request, _spec(r.model, version, label), deadline)
                 elif request.method == "GET":
                     m = _MODEL.fullmatch(path)
@@ -238,7 +246,8 @@ class RestFrontend:
         factory = _ConnectionLimit(self.runner.server, cfg.max_connections, refused)
         try:
             self._listener = await asyncio.get_running_loop().create_server(
-                factory, cfg.host, cfg.port, reuse_address=True, backlog=min(cfg.max_connections, 4096))
+                factory, cfg.host, cfg.port, reuse_address=True, backlog=min(cfg.max_connections, 4096),
+                ssl=self.tls.ssl_context() if self.tls is not None else None)
         except OSError as exc:
             raise BindError(f"cannot listen for REST on {cfg.host}:{cfg.port} ({exc.strerror}); "
                             "choose another with --rest-port or rest.port") from exc

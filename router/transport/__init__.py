@@ -11,10 +11,14 @@ here and only here.  ``connect`` picks one for a worker's address and the
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from shared.errors import Unavailable
+
+if TYPE_CHECKING:
+    from router.tls import ClientTls
 
 
 class TransportError(Unavailable):
@@ -36,15 +40,17 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-def connect(name: str, address: str, kind: str = "grpc", frames_address: str | None = None) -> Transport:
+def connect(name: str, address: str, kind: str = "grpc", frames_address: str | None = None, *,
+            tls: ClientTls | None = None, on_tls_error: Callable[[str], None] | None = None) -> Transport:
     """The transport to one worker.
 
     ``kind``: ``grpc``, or ``frames`` with ``frames_address`` (the worker's
     frames socket, ``unix:PATH``): Predict over frames, the rest over gRPC.
+    ``tls``: gRPC over TLS (``workers.tls``), handshake failures reported to ``on_tls_error``.
     """
     from router.transport.grpc_transport import GrpcTransport
 
-    grpc_transport = GrpcTransport(address)
+    grpc_transport = GrpcTransport(address, tls, on_tls_error)
     if kind == "grpc" or frames_address is None:
         return grpc_transport
     if kind != "frames":

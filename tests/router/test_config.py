@@ -354,3 +354,34 @@ def test_model_config_policy_direct() -> None:
 def test_worker_transport_is_checked(workers: dict[str, Any], message: str) -> None:
     assert message in refused(minimal(workers=workers))
     assert cfgmod.from_dict(minimal()).workers.transport == "auto"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tls": {"cert_file": "c.pem"}}, "tls: cert_file and key_file go together"),
+    ({"grpc": {"tls": {"cert_file": "c", "key_file": "k", "require_client_cert": True}}},
+     "grpc.tls.require_client_cert: needs client_ca_file"),
+    ({"rest": {"tls": {"cert_file": "c", "key_file": "k", "client_ca_file": "ca"}}},
+     "rest.tls.client_ca_file: used only with require_client_cert: true"),
+    ({"tls": {"ssl_config_file": "s", "cert_file": "c", "key_file": "k"}}, "tls: ssl_config_file carries"),
+    ({"grpc": {"tls": {"ssl_config_file": "s"}}, "rest": {"tls": {"ssl_config_file": "s"}}},
+     "rest.tls: ssl_config_file applies to gRPC only"),
+    ({"tls": {"cert_file": "c", "key_file": "k", "reload_s": 0}}, "tls.reload_s: must be greater than 0"),
+    ({"workers": {"tls": {"enabled": True}}}, "workers.tls: for static and dns: workers over TCP"),
+    ({"workers": {"mode": "static", "addresses": ["h:1"], "tls": {"ca_file": "ca"}}},
+     "workers.tls: set enabled: true"),
+    ({"quotas": {"tenant_from": "cert"}}, "quotas.tenant_from: 'cert' (use header or client_cert)"),
+    ({"quotas": {"tenant_from": "client_cert"}, "tls": {"cert_file": "c", "key_file": "k"}},
+     "quotas.tenant_from: client_cert needs mutual TLS on grpc"),
+])
+def test_tls_settings_are_checked(extra: dict[str, Any], message: str) -> None:
+    assert message in refused(minimal(**extra))
+
+
+def test_a_listeners_own_tls_block_replaces_the_top_level_one() -> None:
+    cfg = cfgmod.from_dict(minimal(tls={"cert_file": "c", "key_file": "k"}, admin={"tls": {"plaintext": True}},
+                            rest={"tls": {"cert_file": "rc", "key_file": "rk", "client_ca_file": "ca",
+                                          "require_client_cert": True}}))
+    assert cfg.listener_tls("grpc").cert_file == "c" and cfg.listener_tls("grpc").enabled
+    assert cfg.listener_tls("rest").cert_file == "rc" and cfg.listener_tls("rest").require_client_cert
+    assert not cfg.listener_tls("admin").enabled
+    assert not cfgmod.from_dict(minimal()).listener_tls("grpc").enabled  # plaintext unless asked
