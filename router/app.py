@@ -15,7 +15,6 @@ tasks, close the worker channels, then stop the worker processes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import shutil
