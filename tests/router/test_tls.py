@@ -270,20 +270,23 @@ def test_tensorflow_model_server_ssl_config_file(pki: Pki, model_root: Path, log
 # -- links to workers -------------------------------------------------------------------
 
 
-def test_router_talks_mutual_tls_to_a_static_worker(pki: Pki, model_root: Path, logs_dir: Path,
-                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_router_talks_tls_to_a_static_worker(mutual: bool, pki: Pki, model_root: Path, logs_dir: Path,
+                                             tmp_path: Path) -> None:
     cert, key = pki.server("worker")
     client_ca = pki.ca_file(pki.client_ca, "client-ca")
     router_chain, router_key = pki.client("router")
     (tmp_path / "router.crt").write_bytes(router_chain)
     (tmp_path / "router.key").write_bytes(router_key)
+    required = ("--tls-client-ca-file", str(client_ca)) if mutual else ()
     worker = WorkerProcess("--model", f"ctr={model_root / 'ctr'}", "--tls-cert-file", str(cert), "--tls-key-file",
-                           str(key), "--tls-client-ca-file", str(client_ca), log_dir=logs_dir)
+                           str(key), *required, log_dir=logs_dir)
     port = int(worker.address.rsplit(":", 1)[1])
     routers: list[RouterProcess] = []
     try:
-        good = {"ca_file": str(pki.ca_file(pki.ca, "ca")), "cert_file": str(tmp_path / "router.crt"),
-                "key_file": str(tmp_path / "router.key"), "server_name": "localhost"}
+        good = {"ca_file": str(pki.ca_file(pki.ca, "ca")), "server_name": "localhost",
+                **({"cert_file": str(tmp_path / "router.crt"), "key_file": str(tmp_path / "router.key")}
+                   if mutual else {})}
         base = {"models": [{"name": "ctr", "base_path": str(model_root / "ctr")}],
                 "workers": {"mode": "static", "addresses": [f"127.0.0.1:{port}"], "health_interval_s": 0.2}}
         router = RouterProcess({**base, "workers": {**base["workers"], "tls": {"enabled": True, **good}}},
@@ -292,6 +295,8 @@ def test_router_talks_mutual_tls_to_a_static_worker(pki: Pki, model_root: Path, 
         router.wait_ready()
         assert outputs_of(predict(router.channel))["probability"].shape == (2,)
 
+        if not mutual:
+            return
         # a CA that did not sign the worker's certificate: never in rotation, said once, counted
         wrong = {**good, "ca_file": str(pki.ca_file(trustme.CA(), "other-ca"))}
         bad = RouterProcess({**base, "workers": {**base["workers"], "tls": {"enabled": True, **wrong}}},
@@ -419,3 +424,24 @@ def test_spawned_workers_sockets_are_private(base_config: dict[str, Any], tmp_pa
     shared.chmod(0o777)
     App(from_dict({**base_config, "workers": {"count": 1, "socket_dir": str(shared)}}))
     assert shared.stat().st_mode & 0o777 == 0o700
+
+
+def test_worker_link_certificates_are_watched(pki: Pki, tmp_path: Path) -> None:
+    from router.config import WorkerTlsConfig
+    from router.tls import ClientTls
+
+    ca_file = pki.ca_file(pki.ca, "ca")
+    chain, key = pki.client("router")
+    (tmp_path / "r.crt").write_bytes(chain)
+    (tmp_path / "r.key").write_bytes(key)
+    failed: list[str] = []
+    tls = ClientTls(WorkerTlsConfig(enabled=True, ca_file=str(ca_file), cert_file=str(tmp_path / "r.crt"),
+                                    key_file=str(tmp_path / "r.key")), failed.append)
+    assert not tls.check() and tls.generation == 0  # nothing changed
+    pki.ca_file(trustme.CA(), "ca")  # a new CA in place
+    assert tls.check() and tls.generation == 1
+    assert tls.material[0] == ca_file.read_bytes()
+    _, other_key = pki.client("someone-else")
+    (tmp_path / "r.key").write_bytes(other_key)  # a key that does not match: the last good files stay
+    assert not tls.check() and tls.generation == 1 and failed == ["workers.tls"]
+    assert tls.material[1] == key
