@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -127,6 +128,60 @@ def test_router_config_for_compose_loads() -> None:
     assert cfg.workers.count == 2
     assert (cfg.grpc.host, cfg.grpc.port, cfg.rest.host, cfg.rest.port) == ("0.0.0.0", 8500, "0.0.0.0", 8501)
     assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 8502)
+    assert not any(cfg.listener_tls(n).enabled for n in ("grpc", "rest", "admin")), "plaintext by default"
+
+
+# The commented TLS guidance of the router service: the mount to uncomment, and the
+# config keys to add to configs/compose.yaml (the "#   " lines after this line).
+TLS_MOUNT = "# - ./certs:/etc/tfs-router-tls:ro"
+TLS_KEYS_AFTER = "add to configs/compose.yaml:"
+
+
+def _volume(v: dict[str, Any] | str) -> tuple[str, str, bool]:
+    """(source, target, read-only) of a resolved service volume, long or short syntax."""
+    if isinstance(v, dict):
+        return v.get("source", ""), v["target"], bool(v.get("read_only"))
+    source, target, *mode = v.split(":")
+    return source, target, "ro" in (mode[0].split(",") if mode else [])
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def test_the_commented_tls_guidance_works(tmp_path: Path) -> None:
+    """Uncommenting the certs mount gives a valid compose file with a read-only directory mount, and
+    the commented keys, added to configs/compose.yaml, load with the router's loader and name files
+    in that mount."""
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert text.count(TLS_MOUNT) == 1, f"{TLS_MOUNT!r} is no longer in docker-compose.yml: update the test"
+    copy = tmp_path / "docker-compose.yml"
+    copy.write_text(text.replace(TLS_MOUNT, TLS_MOUNT.removeprefix("# ")), encoding="utf-8")
+    mounts = [_volume(v) for v in resolved(copy)["services"]["router"]["volumes"]]
+    assert (str(ROOT / "certs"), "/etc/tfs-router-tls", True) in mounts, mounts
+    default = [_volume(v)[1] for v in resolved(COMPOSE)["services"]["router"]["volumes"]]
+    assert "/etc/tfs-router-tls" not in default, "the certificates' mount is commented out by default"
+
+    lines = text.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if line.rstrip().endswith(TLS_KEYS_AFTER)]
+    block = []
+    for line in lines[start + 1:]:
+        body = line.strip()
+        if not body.startswith("#   "):
+            break
+        block.append(body[1:].split("  #", 1)[0].rstrip())
+    keys = yaml.safe_load("\n".join(block))
+    assert isinstance(keys, dict) and keys, block
+    data = yaml.safe_load((ROOT / "configs" / "compose.yaml").read_text(encoding="utf-8"))
+    cfg = cfgmod.from_dict(_merge(data, keys))
+    assert cfg.listener_tls("grpc").enabled
+    assert not cfg.listener_tls("rest").enabled and not cfg.listener_tls("admin").enabled, (
+        "REST (the healthcheck, prometheus) and admin (tfs-router status) stay plain")
+    for path in (cfg.listener_tls("grpc").cert_file, cfg.listener_tls("grpc").key_file):
+        assert Path(path).parent == Path("/etc/tfs-router-tls"), path
 
 
 def test_prometheus_scrapes_the_router_service() -> None:

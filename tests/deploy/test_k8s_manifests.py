@@ -6,16 +6,21 @@ rendered by tests/deploy/kustomize_lite.py (which refuses any kustomization
 feature it does not implement), every rendered object is checked against the
 Kubernetes API schema in strict mode (kubernetes-validate: unknown fields fail),
 and the checks below cross-reference the objects: Service, PDB and HPA targets,
-ports, probes, volumes, the router config inside its ConfigMap (loaded with the
-router's own loader), the TF Serving flags and models.config of the fleet's
-workers. Broken copies show that each kind of check fails when it should.
+ports, probes, volumes and the ConfigMaps and Secrets they name, the router config
+inside its ConfigMap (loaded with the router's own loader), the TF Serving flags
+and models.config of the fleet's workers, and TLS (overlays/tls): the certificate
+files the router config and TF Serving name lie in a mounted Secret that holds
+them, probes and Services speak what each listener serves. Broken copies show
+that each kind of check fails when it should.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import ipaddress
+import subprocess
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -37,7 +42,9 @@ except ImportError:  # pragma: no cover - the dev extra installs it
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = {name: K8S / "overlays" / name for name in ("pod", "fleet")}
+OVERLAYS = {name: K8S / "overlays" / name for name in ("pod", "fleet", "tls")}
+# Overlays with the fleet topology (tls is fleet with TLS on top).
+FLEET_OVERLAYS = ("fleet", "tls")
 # The Kubernetes version whose API schemas the objects are checked against
 # (kubernetes-validate ships its schemas; the newest it has not newer than this).
 K8S_VERSION = "1.33"
@@ -138,6 +145,52 @@ def mounted_file(workload: Doc, c: Doc, docs: list[Doc], path: str) -> str | Non
     return None
 
 
+def secret_data(secret: Doc) -> dict[str, str]:
+    """A Secret's keys and contents: ``data`` (base64) decoded, ``stringData`` as written (it wins, as in the API)."""
+    out = {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (secret.get("data") or {}).items()}
+    out.update(secret.get("stringData") or {})
+    return out
+
+
+# Volumes whose content the kubelet writes and mounts read-only: nothing can be
+# mounted inside them (the runtime cannot create the mount point).
+API_DATA_VOLUMES = ("configMap", "secret", "downwardAPI", "projected")
+
+
+def volume_source(volume: Doc) -> str:
+    return next((k for k in volume if k != "name"), "")
+
+
+def mount_at(c: Doc, path: str) -> Doc | None:
+    """The container's mount a file at ``path`` lies in (the deepest one), or None."""
+    target = PurePosixPath(path)
+    under = [m for m in c.get("volumeMounts") or [] if PurePosixPath(m["mountPath"]) in target.parents]
+    return max(under, key=lambda m: len(PurePosixPath(m["mountPath"]).parts)) if under else None
+
+
+def secret_file(workload: Doc, c: Doc, docs: list[Doc], path: str, what: str) -> tuple[str | None, str | None]:
+    """(the content of the Secret key a container sees at ``path``, None) or (None, the problem)."""
+    m = mount_at(c, path)
+    if m is None:
+        return None, f"{what} {path}: nothing is mounted there"
+    volume: Doc = next((v for v in pod_spec(workload).get("volumes") or [] if v["name"] == m["name"]), {})
+    source = volume.get("secret")
+    if source is None:
+        return None, f"{what} {path}: not in a mounted Secret ({m['mountPath']} is a {volume_source(volume)} volume)"
+    if "subPath" in m:
+        return None, f"{what} {path}: {m['mountPath']} is mounted with subPath, which never sees the Secret's updates"
+    secret = find(docs, "Secret", source.get("secretName", ""))
+    if secret is None:
+        return None, f"{what} {path}: no Secret {source.get('secretName')}"
+    rel = str(PurePosixPath(path).relative_to(m["mountPath"]))
+    items = source.get("items")
+    key = next((i["key"] for i in items if i["path"] == rel), None) if items else rel
+    data = secret_data(secret)
+    if key is None or key not in data:
+        return None, f"{what} {path}: {name_of(secret)} has no key {key or rel} (it has {sorted(data)})"
+    return data[key], None
+
+
 def pre_stop_sleep(c: Doc) -> int:
     cmd = (((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
     if len(cmd) == 2 and cmd[0] == "sleep":
@@ -221,11 +274,26 @@ def reference_problems(docs: list[Doc]) -> list[str]:
                 claim = v["persistentVolumeClaim"]["claimName"]
                 if find(docs, "PersistentVolumeClaim", claim) is None:
                     problems.append(f"{name_of(w)}: volume {v['name']}: no PersistentVolumeClaim {claim}")
+            if "secret" in v:
+                secret = find(docs, "Secret", v["secret"].get("secretName", ""))
+                if secret is None:
+                    problems.append(f"{name_of(w)}: volume {v['name']}: no Secret {v['secret'].get('secretName')}")
+                else:
+                    for item in v["secret"].get("items") or []:
+                        if item["key"] not in secret_data(secret):
+                            problems.append(f"{name_of(w)}: volume {v['name']}: {name_of(secret)} has no key "
+                                            f"{item['key']}")
         for c in spec["containers"]:
             where = f"{name_of(w)} container {c['name']}"
             for m in c.get("volumeMounts") or []:
                 if m["name"] not in volumes:
                     problems.append(f"{where}: mount {m['mountPath']}: no volume {m['name']}")
+                for outer in c.get("volumeMounts") or []:
+                    if (PurePosixPath(outer["mountPath"]) in PurePosixPath(m["mountPath"]).parents
+                            and volume_source(volumes.get(outer["name"], {})) in API_DATA_VOLUMES):
+                        problems.append(f"{where}: mount {m['mountPath']} lies inside the read-only mount "
+                                        f"{outer['mountPath']} ({outer['name']}): the runtime cannot create its "
+                                        "mount point")
             for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
                 probe = c.get(kind)
                 if probe is None:
@@ -500,6 +568,124 @@ def fleet_problems(docs: list[Doc]) -> list[str]:
     return problems
 
 
+def _app_protocol_problem(svc: Doc, sp: Doc, tls: bool, who: str) -> str | None:
+    app = sp.get("appProtocol")
+    if tls and app != "https":
+        return f"{name_of(svc)}: port {sp['port']}: appProtocol {app!r}, but {who} serves TLS (https)"
+    if not tls and app == "https":
+        return f"{name_of(svc)}: port {sp['port']}: appProtocol https, but {who} serves plaintext"
+    return None
+
+
+def tls_problems(docs: list[Doc]) -> list[str]:
+    """TLS as the router config (read with the router's own loader) and TF Serving's flags set it:
+    every certificate file lies in a mounted Secret that holds it, mounted as a directory (rotation);
+    probes, the scrape annotation and the Services speak what each listener serves; the routers and
+    the workers agree on TLS between them. In a plaintext overlay it checks that nothing says HTTPS."""
+    problems: list[str] = []
+    cfg = cfgmod.from_dict(router_config(docs))
+    router = get(docs, "Deployment", ROUTER)
+    c = container(router, "router")
+
+    for w in (d for d in docs if d["kind"] in WORKLOADS):
+        volumes = {v["name"]: v for v in pod_spec(w).get("volumes") or []}
+        for ct in pod_spec(w)["containers"]:
+            for m in ct.get("volumeMounts") or []:
+                if "secret" in volumes.get(m["name"], {}):
+                    if "subPath" in m:
+                        problems.append(f"{name_of(w)} container {ct['name']}: the Secret volume {m['name']} is "
+                                        f"mounted with subPath at {m['mountPath']}: it never sees the Secret's "
+                                        "updates (mount it as a directory)")
+                    if not m.get("readOnly"):
+                        problems.append(f"{name_of(w)} container {ct['name']}: the Secret volume {m['name']} is "
+                                        "not mounted readOnly")
+
+    files: dict[tuple[str, str], None] = {}
+    for n in ("grpc", "rest", "admin"):
+        t = cfg.listener_tls(n)
+        if t.enabled:
+            where = f"{n}.tls" if getattr(cfg, n).tls.configured else "tls"
+            for key in ("cert_file", "key_file", "client_ca_file", "ssl_config_file"):
+                if getattr(t, key):
+                    files[(f"{where}.{key}", getattr(t, key))] = None
+    wt = cfg.workers.tls
+    if wt.enabled:
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(wt, key):
+                files[(f"workers.tls.{key}", getattr(wt, key))] = None
+    for what, path in files:
+        _, problem = secret_file(router, c, docs, path, what)
+        if problem:
+            problems.append(problem)
+
+    if cfg.listener_tls("admin").enabled:
+        problems.append("admin: the admin API serves TLS, so `kubectl exec deploy/tfs-router -- tfs-router status` "
+                        "(http://127.0.0.1:8502) fails: set admin.tls.plaintext: true")
+    rest_tls = cfg.listener_tls("rest").enabled
+    serves = "TLS" if rest_tls else "plain HTTP"
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get_ = (c.get(kind) or {}).get("httpGet")
+        if get_ is not None and get_.get("scheme", "HTTP") != ("HTTPS" if rest_tls else "HTTP"):
+            problems.append(f"router {kind}: scheme {get_.get('scheme', 'HTTP')}, but REST serves {serves}")
+    annotations = router["spec"]["template"].get("metadata", {}).get("annotations") or {}
+    scrape = annotations.get("prometheus.io/scheme", "http")
+    if scrape != ("https" if rest_tls else "http"):
+        problems.append(f"router scrape scheme {scrape} (prometheus.io/scheme), but REST serves {serves}")
+    listener_tls = {named_port(c, n): (n, cfg.listener_tls(n).enabled) for n in ("grpc", "rest")}
+    for svc in (d for d in docs if d["kind"] == "Service" and selects(d["spec"].get("selector"), pod_labels(router))):
+        for sp in svc["spec"]["ports"]:
+            listener = listener_tls.get(port_number(c, sp.get("targetPort", sp["port"])))
+            if listener is not None:
+                problem = _app_protocol_problem(svc, sp, listener[1], f"the router's {listener[0]} listener")
+                if problem:
+                    problems.append(problem)
+
+    sts = find(docs, "StatefulSet", WORKERS)
+    if sts is None:
+        return problems
+    tfs = container(sts, "tensorflow-serving")
+    ssl_path = tf_serving_flags(tfs).get("ssl_config_file", "")
+    if wt.enabled and not ssl_path:
+        problems.append("workers.tls is enabled, but the workers serve plaintext gRPC (no --ssl_config_file): "
+                        "every handshake would fail")
+    if ssl_path and not wt.enabled:
+        problems.append("the workers serve gRPC with TLS (--ssl_config_file), but workers.tls is off: the routers' "
+                        "plaintext calls would fail")
+    if wt.enabled and not wt.server_name and any(a.startswith("dns:") for a in cfg.workers.addresses):
+        problems.append("workers.tls.server_name is not set: dns: addresses are pod IPs, which the workers' "
+                        "certificate does not carry")
+    if ssl_path:
+        text, problem = secret_file(sts, tfs, docs, ssl_path, "--ssl_config_file")
+        if problem or text is None:
+            problems.append(problem or "")
+        else:
+            try:
+                sc = text_format.Parse(text, ssl_config_message()())
+            except text_format.ParseError as exc:
+                problems.append(f"--ssl_config_file {ssl_path}: not a text-format SSLConfig: {exc}")
+            else:
+                if not (sc.server_key and sc.server_cert):
+                    problems.append(f"--ssl_config_file {ssl_path}: server_key and server_cert are required")
+                if sc.client_verify and not (wt.cert_file and wt.key_file):
+                    problems.append(f"--ssl_config_file {ssl_path}: client_verify: true, but the routers present "
+                                    "no certificate (workers.tls.cert_file and key_file)")
+    workers_svc = find(docs, "Service", WORKERS)
+    for sp in (workers_svc or {}).get("spec", {}).get("ports") or []:
+        if workers_svc and port_number(tfs, sp.get("targetPort", sp["port"])) == named_port(tfs, "grpc"):
+            problem = _app_protocol_problem(workers_svc, sp, bool(ssl_path), "the workers' gRPC port")
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+@cache
+def ssl_config_message() -> type:
+    """TF Serving's SSLConfig (--ssl_config_file): the project's text-compatible copy."""
+    from protos import ssl_config_pb2
+
+    return ssl_config_pb2.SSLConfig
+
+
 # -- the overlays as they are -------------------------------------------------------
 
 
@@ -510,9 +696,13 @@ def test_overlay_renders_what_it_should(overlay: str) -> None:
     common = ["ConfigMap/tfs-router-config", "Deployment/tfs-router", "HorizontalPodAutoscaler/tfs-router",
               "PersistentVolumeClaim/tfs-models", "PodDisruptionBudget/tfs-router", "Service/tfs-router",
               "Service/tfs-router-headless"]
+    fleet = ["ConfigMap/tfs-workers-config", "PodDisruptionBudget/tfs-workers", "Service/tfs-workers",
+             "StatefulSet/tfs-workers"]
     extra = {"pod": [],
-             "fleet": ["ConfigMap/tfs-workers-config", "PodDisruptionBudget/tfs-workers", "Service/tfs-workers",
-                       "StatefulSet/tfs-workers"]}[overlay]
+             "fleet": fleet,
+             # The fleet's tfs-router-config stays in the output, unused: the routers mount tfs-router-tls-config.
+             "tls": [*fleet, "ConfigMap/tfs-router-tls-config", "Secret/tfs-router-tls", "Secret/tfs-workers-tls"],
+             }[overlay]
     assert kinds == sorted(common + extra)
 
 
@@ -535,8 +725,14 @@ def test_pod_topology() -> None:
     assert pod_topology_problems(rendered("pod")) == []
 
 
-def test_fleet_topology() -> None:
-    assert fleet_problems(rendered("fleet")) == []
+@pytest.mark.parametrize("overlay", FLEET_OVERLAYS)
+def test_fleet_topology(overlay: str) -> None:
+    assert fleet_problems(rendered(overlay)) == []
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_tls_fits_the_mounts_probes_and_services(overlay: str) -> None:
+    assert tls_problems(rendered(overlay)) == []
 
 
 def test_probe_paths_are_router_routes() -> None:
@@ -579,6 +775,107 @@ def test_fleet_router_config_loads_today_without_the_new_keys() -> None:
     data["workers"] = {k: v for k, v in data["workers"].items() if k not in NEW_WORKER_KEYS}
     cfg = cfgmod.from_dict(data)
     assert cfg.workers.addresses == ("dns:tfs-workers:8500",)
+
+
+def test_tls_router_config_loads_with_the_routers_loader() -> None:
+    cfg = cfgmod.from_dict(router_config(rendered("tls")))
+    assert cfg.listener_tls("grpc").enabled and cfg.listener_tls("rest").enabled
+    assert not cfg.listener_tls("admin").enabled and cfg.admin.host == "127.0.0.1"
+    assert cfg.workers.tls.enabled and cfg.workers.tls.server_name == WORKERS
+
+
+TLS_CONFIG_KEYS = ("tls", "admin.tls", "workers.tls")
+
+
+def _without(data: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        data = data[p]
+    data.pop(last, None)
+
+
+def test_tls_overlay_is_the_fleet_with_tls() -> None:
+    """overlays/tls repeats the fleet's router config and the workers' args (a ConfigMap's file and an
+    atomic list, which kustomize cannot patch in part): they must differ from the fleet's by TLS only."""
+    fleet, tls = rendered("fleet"), rendered("tls")
+    fleet_cfg, tls_cfg = router_config(fleet), router_config(tls)
+    for key in TLS_CONFIG_KEYS:
+        _without(tls_cfg, key)
+    assert tls_cfg == fleet_cfg
+    fleet_args = container(get(fleet, "StatefulSet", WORKERS), "tensorflow-serving")["args"]
+    tls_args = container(get(tls, "StatefulSet", WORKERS), "tensorflow-serving")["args"]
+    assert [a for a in tls_args if not a.startswith("--ssl_config_file=")] == fleet_args
+
+
+def test_tls_secrets_in_the_repository_are_placeholders() -> None:
+    """No certificate or key is committed: every value says PLACEHOLDER, and neither the router nor TF
+    Serving starts with it (a forgotten replacement fails loudly instead of serving a shared key)."""
+    secrets = [d for d in rendered("tls") if d["kind"] == "Secret"]
+    assert {s["metadata"]["name"] for s in secrets} == {"tfs-router-tls", "tfs-workers-tls"}
+    assert get(secrets, "Secret", "tfs-router-tls")["type"] == "kubernetes.io/tls"
+    for s in secrets:
+        for key, value in secret_data(s).items():
+            assert "PLACEHOLDER" in value and "-----BEGIN" not in value, f"{name_of(s)} {key}"
+
+
+def test_the_router_refuses_to_start_with_the_placeholders(tmp_path: Path) -> None:
+    from router.tls import TlsError, read_server_material
+
+    docs = rendered("tls")
+    for key, value in secret_data(get(docs, "Secret", "tfs-router-tls")).items():
+        (tmp_path / key).write_text(value, encoding="utf-8")
+    with pytest.raises(TlsError, match="tls.crt"):
+        read_server_material(cfgmod.TlsConfig(cert_file=str(tmp_path / "tls.crt"), key_file=str(tmp_path / "tls.key")))
+    (tmp_path / "ssl_config.txt").write_text(secret_data(get(docs, "Secret", "tfs-workers-tls"))["ssl_config.txt"],
+                                             encoding="utf-8")
+    with pytest.raises(TlsError, match="ssl_config.txt"):  # the drop-in, as TF Serving reads it
+        read_server_material(cfgmod.TlsConfig(ssl_config_file=str(tmp_path / "ssl_config.txt")))
+
+
+def _readme_block(marker: str) -> str:
+    """The fenced block of deploy/k8s/README.md that holds ``marker``."""
+    blocks = (K8S / "README.md").read_text(encoding="utf-8").split("```")[1::2]
+    (block,) = [b for b in blocks if marker in b]
+    return block.partition("\n")[2]  # without the info string
+
+
+def test_real_certificates_in_the_secrets_work_with_the_router(tmp_path: Path) -> None:
+    """Real certificates under the Secrets' keys: the router loads its listeners' pair and the workers' CA
+    from the paths its config names in the mounts, and the README's command turns the workers' PEM
+    files into an SSLConfig that loads (the router reads it as TF Serving does)."""
+    import trustme  # the dev extra
+
+    from router.tls import ClientTls, read_server_material
+
+    docs = rendered("tls")
+    ca = trustme.CA()
+    router_cert, workers_cert = ca.issue_cert("tfs-router", "tfs-router-headless"), ca.issue_cert(WORKERS)
+    real = {"tls.crt": b"".join(p.bytes() for p in router_cert.cert_chain_pems),
+            "tls.key": router_cert.private_key_pem.bytes(), "ca.crt": ca.cert_pem.bytes()}
+    assert set(secret_data(get(docs, "Secret", "tfs-router-tls"))) == set(real)
+    router = get(docs, "Deployment", ROUTER)
+    (mount,) = [m for m in container(router, "router")["volumeMounts"] if m["name"] == "tls"]
+    where = tmp_path / mount["mountPath"].lstrip("/")
+    where.mkdir(parents=True)
+    for key, pem in real.items():
+        (where / key).write_bytes(pem)
+    data = router_config(docs)
+    for block in (data["tls"], data["workers"]["tls"]):
+        for key, value in block.items():
+            if key.endswith("_file"):
+                block[key] = str(tmp_path / value.lstrip("/"))
+    cfg = cfgmod.from_dict(data)
+    assert read_server_material(cfg.listener_tls("grpc")).cert_chain == real["tls.crt"]
+    assert ClientTls(cfg.workers.tls).material[0] == real["ca.crt"]
+
+    (tmp_path / "workers.crt").write_bytes(b"".join(p.bytes() for p in workers_cert.cert_chain_pems))
+    workers_cert.private_key_pem.write_to_path(str(tmp_path / "workers.key"))
+    subprocess.run(["bash", "-euo", "pipefail", "-c", _readme_block("> ssl_config.txt")], cwd=tmp_path, check=True,
+                   timeout=30)
+    made = text_format.Parse((tmp_path / "ssl_config.txt").read_text(encoding="utf-8"), ssl_config_message()())
+    assert made.server_cert.encode() == (tmp_path / "workers.crt").read_bytes() and not made.client_verify
+    material = read_server_material(cfgmod.TlsConfig(ssl_config_file=str(tmp_path / "ssl_config.txt")))
+    assert material.key == workers_cert.private_key_pem.bytes() and not material.mutual
 
 
 # -- broken copies: the checks fail when they should ------------------------------
@@ -634,6 +931,21 @@ def _probe_port(docs: list[Doc]) -> None:
     container(get(docs, "Deployment", ROUTER), "router")["livenessProbe"]["httpGet"]["port"] = "http"
 
 
+def _secret_ref(docs: list[Doc]) -> None:
+    (vol,) = [v for v in pod_spec(get(docs, "Deployment", ROUTER))["volumes"] if v["name"] == "tls"]
+    vol["secret"]["secretName"] = "tfs-router-certs"
+
+
+def _secret_item(docs: list[Doc]) -> None:
+    (vol,) = [v for v in pod_spec(get(docs, "StatefulSet", WORKERS))["volumes"] if v["name"] == "tls"]
+    vol["secret"]["items"] = [{"key": "ssl.config", "path": "ssl_config.txt"}]
+
+
+def _nested_mount(docs: list[Doc]) -> None:
+    (m,) = [m for m in container(get(docs, "Deployment", ROUTER), "router")["volumeMounts"] if m["name"] == "tls"]
+    m["mountPath"] = "/etc/tfs-router/tls"
+
+
 REFERENCE_BREAKAGES = {
     "Service selector": ("pod", _svc_selector, "Service/tfs-router: selector"),
     "headless Service selector": ("fleet", _headless_selector, "Service/tfs-workers: selector"),
@@ -645,6 +957,10 @@ REFERENCE_BREAKAGES = {
     "mount without volume": ("pod", _missing_volume, "mount /tmp: no volume tmp"),
     "ConfigMap reference": ("pod", _config_map_ref, "no ConfigMap tfs-router-config"),
     "probe port": ("pod", _probe_port, "livenessProbe: port 'http' is not a container port"),
+    "Secret reference": ("tls", _secret_ref, "volume tls: no Secret tfs-router-certs"),
+    "Secret key": ("tls", _secret_item, "Secret/tfs-workers-tls has no key ssl.config"),
+    "mount inside a ConfigMap mount": ("tls", _nested_mount, "mount /etc/tfs-router/tls lies inside the read-only "
+                                       "mount /etc/tfs-router"),
 }
 
 
@@ -718,6 +1034,76 @@ def test_a_router_mismatch_is_caught(breakage: str) -> None:
     docs = rendered(overlay)
     breaks(docs)
     problems = router_problems(docs)
+    assert any(expected in p for p in problems), problems
+
+
+def _router_mount(docs: list[Doc], name: str) -> Doc:
+    (m,) = [m for m in container(get(docs, "Deployment", ROUTER), "router")["volumeMounts"] if m["name"] == name]
+    return m
+
+
+def _worker_args(docs: list[Doc], edit: Callable[[list[str]], list[str]]) -> None:
+    c = container(get(docs, "StatefulSet", WORKERS), "tensorflow-serving")
+    c["args"] = edit(c["args"])
+
+
+def _ssl_config_text(docs: list[Doc], old: str, new: str) -> None:
+    data = get(docs, "Secret", "tfs-workers-tls")["stringData"]
+    assert old in data["ssl_config.txt"]
+    data["ssl_config.txt"] = data["ssl_config.txt"].replace(old, new)
+
+
+def _service_port(docs: list[Doc], name: str, port: int) -> Doc:
+    (sp,) = [p for p in get(docs, "Service", name)["spec"]["ports"] if p["port"] == port]
+    return sp
+
+
+TLS_BREAKAGES: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
+    "probe without HTTPS": ("tls", lambda d: container(get(d, "Deployment", ROUTER), "router")["readinessProbe"]
+                            ["httpGet"].pop("scheme"), "router readinessProbe: scheme HTTP, but REST serves TLS"),
+    "HTTPS probe on plain REST": ("pod", lambda d: container(get(d, "Deployment", ROUTER), "router")["livenessProbe"]
+                                  ["httpGet"].__setitem__("scheme", "HTTPS"),
+                                  "router livenessProbe: scheme HTTPS, but REST serves plain HTTP"),
+    "scrape scheme": ("tls", lambda d: get(d, "Deployment", ROUTER)["spec"]["template"]["metadata"]["annotations"]
+                      .pop("prometheus.io/scheme"), "router scrape scheme http (prometheus.io/scheme), but REST"),
+    "certificate outside the Secret": ("tls", lambda d: set_router_config(d, lambda c: c["tls"].__setitem__(
+        "cert_file", "/etc/tfs-router/tls.crt")), "tls.cert_file /etc/tfs-router/tls.crt: not in a mounted Secret "
+        "(/etc/tfs-router is a configMap volume)"),
+    "key the Secret lacks": ("tls", lambda d: set_router_config(d, lambda c: c["tls"].__setitem__(
+        "key_file", "/etc/tfs-router-tls/tls.pem")), "Secret/tfs-router-tls has no key tls.pem"),
+    "CA the Secret lacks": ("tls", lambda d: get(d, "Secret", "tfs-router-tls")["stringData"].pop("ca.crt"),
+                            "workers.tls.ca_file /etc/tfs-router-tls/ca.crt: Secret/tfs-router-tls has no key ca.crt"),
+    "subPath": ("tls", lambda d: _router_mount(d, "tls").__setitem__("subPath", "tls.crt"),
+                "mounted with subPath at /etc/tfs-router-tls: it never sees the Secret's updates"),
+    "writable Secret mount": ("tls", lambda d: _router_mount(d, "tls").pop("readOnly"),
+                              "the Secret volume tls is not mounted readOnly"),
+    "admin on TLS": ("tls", lambda d: set_router_config(d, lambda c: c["admin"].pop("tls")),
+                     "admin: the admin API serves TLS"),
+    "Service still h2c": ("tls", lambda d: _service_port(d, "tfs-router-headless", 8500).__setitem__(
+        "appProtocol", "kubernetes.io/h2c"), "Service/tfs-router-headless: port 8500: appProtocol "
+        "'kubernetes.io/h2c', but the router's grpc listener serves TLS"),
+    "workers without TLS": ("tls", lambda d: _worker_args(d, lambda a: [x for x in a if "ssl_config" not in x]),
+                            "workers.tls is enabled, but the workers serve plaintext gRPC"),
+    "routers without worker TLS": ("tls", lambda d: set_router_config(d, lambda c: c["workers"].pop("tls")),
+                                   "workers.tls is off"),
+    "no server_name": ("tls", lambda d: set_router_config(d, lambda c: c["workers"]["tls"].pop("server_name")),
+                       "workers.tls.server_name is not set"),
+    "SSLConfig typo": ("tls", lambda d: _ssl_config_text(d, "server_key:", "server_kye:"),
+                       "not a text-format SSLConfig"),
+    "SSLConfig client_verify": ("tls", lambda d: _ssl_config_text(d, "client_verify: false", "client_verify: true"),
+                                "client_verify: true, but the routers present no certificate"),
+    "worker Service still h2c": ("tls", lambda d: _service_port(d, WORKERS, 8500).__setitem__(
+        "appProtocol", "kubernetes.io/h2c"), "Service/tfs-workers: port 8500: appProtocol 'kubernetes.io/h2c'"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(TLS_BREAKAGES))
+def test_a_tls_mismatch_is_caught(breakage: str) -> None:
+    overlay, breaks, expected = TLS_BREAKAGES[breakage]
+    docs = rendered(overlay)
+    assert tls_problems(docs) == []  # the control: unbroken, it passes
+    breaks(docs)
+    problems = tls_problems(docs)
     assert any(expected in p for p in problems), problems
 
 
