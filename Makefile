@@ -9,8 +9,8 @@ DEMO_DIR ?= models/ctr
 DEMO_STAMP := $(DEMO_DIR)/.built-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo run test protos bench-worker bench-router bench-batching bench-rollout bench-quotas loadtest \
-	compose-up compose-test compose-down clean
+.PHONY: install demo run test protos bench-worker bench-router bench-tls bench-batching bench-rollout bench-quotas \
+	loadtest compose-up compose-test compose-down clean
 
 # Also Debian's jemalloc (for `workers.allocator: jemalloc`) when it is missing and
 # we are root with apt-get; never fails the build: without it only that setting is
@@ -60,6 +60,9 @@ bench-worker: install
 
 bench-router: install demo
 	$(PY) -m loadtest.bench_router
+
+bench-tls: install demo
+	$(PY) -m loadtest.bench_tls
 
 bench-batching: install demo
 	$(PY) -m loadtest.bench_batching

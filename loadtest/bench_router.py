@@ -41,7 +41,7 @@ import itertools
 import os
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,12 +118,17 @@ async def grpc_phase(
     seconds: float,
     cpu_pids: Mapping[str, int | None],
     expect: Any = None,
+    open_channel: Callable[[], Any] | None = None,
+    fresh_channel: Callable[[], Any] | None = None,
 ) -> LoadResult:
-    """One checked request, then a closed loop of batch-1 Predicts on one grpc.aio channel."""
+    """One checked request, then a closed loop of batch-1 Predicts on one grpc.aio channel
+    (``open_channel()``, default plaintext to ``address``), or with ``fresh_channel`` each call on
+    a new channel it opens (a connection and, over TLS, a handshake per call)."""
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    opener = open_channel or (lambda: grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+    async with opener() as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         # A wrong answer must not pass as throughput.
         try:
@@ -136,7 +141,13 @@ async def grpc_phase(
         async def call() -> None:
             await stub.Predict(next(feeds), timeout=30)
 
-        return await closed_loop(call, concurrency=concurrency, seconds=seconds, warmup=WARMUP_S,
+        async def connect_and_call() -> None:
+            assert fresh_channel is not None
+            async with fresh_channel() as fresh:
+                await prediction_service_pb2_grpc.PredictionServiceStub(fresh).Predict(next(feeds), timeout=30)
+
+        return await closed_loop(call if fresh_channel is None else connect_and_call, concurrency=concurrency,
+                                 seconds=seconds, warmup=WARMUP_S,
                                  label=label, cpu_pids=cpu_pids)
 
 

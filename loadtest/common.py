@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -588,12 +589,18 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """``(status, body)`` of a GET, HTTP errors included, never through a proxy."""
+def http_get(url: str, timeout: float = 10.0, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """``(status, body)`` of a GET, HTTP errors included, never through a proxy.
+
+    ``context``: for an https URL, the context its certificate is checked by.
+    """
     import urllib.error
     import urllib.request
 
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -686,7 +693,9 @@ class RouterProcess(_ChildProcess):
     at once).  Returns once the router printed its
     addresses (``.grpc_port``, ``.rest_port``, ``.grpc_address``,
     ``.rest_url``); ``wait_ready()`` then waits for ``/readyz`` 200 (and,
-    optionally, for N workers in state ready).  Use as a context manager or
+    optionally, for N workers in state ready).  A router whose REST listener
+    serves TLS takes ``ssl_context`` (the context its certificate is checked
+    by): ``.rest_url`` is then https.  Use as a context manager or
     call ``terminate()`` (SIGTERM: the router stops its workers) in a
     ``finally``.
     """
@@ -704,8 +713,10 @@ class RouterProcess(_ChildProcess):
         log_dir: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         argv = [sys.executable, "-m", "router", "serve"]
+        self.ssl_context = ssl_context
         self.config_path: Path | None = None
         if config is not None:
             import yaml
@@ -729,7 +740,7 @@ class RouterProcess(_ChildProcess):
         self.grpc_port = self._wait_up(self._grpc_port_of, start_timeout, stop_timeout=10)
         self.rest_port = self._wait_up(self._rest_port_of, 5.0, stop_timeout=10)
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
-        self.rest_url = f"http://127.0.0.1:{self.rest_port}"
+        self.rest_url = f"{'https' if ssl_context is not None else 'http'}://127.0.0.1:{self.rest_port}"
 
     def _grpc_port_of(self, line: str) -> int | None:
         if self.GRPC_LINE in line:
@@ -744,7 +755,7 @@ class RouterProcess(_ChildProcess):
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         """``(status, body)`` of a GET on the router's REST port."""
-        return http_get(self.rest_url + path, timeout)
+        return http_get(self.rest_url + path, timeout, self.ssl_context)
 
     def admin_url(self, timeout: float = 2.0) -> str | None:
         """The admin status URL the router printed (``  admin:   http://127.0.0.1:PORT/...``), or None.
@@ -820,10 +831,13 @@ class RouterProcess(_ChildProcess):
 
 
 
-def start_router(config: Mapping[str, Any], label: str, *, workers: int, timeout: float) -> RouterProcess:
-    """A router on ``config``, waited for until ready with ``workers`` workers; progress on stderr."""
+def start_router(config: Mapping[str, Any], label: str, *, workers: int, timeout: float,
+                 ssl_context: ssl.SSLContext | None = None) -> RouterProcess:
+    """A router on ``config``, waited for until ready with ``workers`` workers; progress on stderr.
+
+    ``ssl_context``: see ``RouterProcess``."""
     progress(f"[{label}] starting router ...")
-    router = RouterProcess(config)
+    router = RouterProcess(config, ssl_context=ssl_context)
     try:
         ready = router.wait_ready(timeout=timeout, workers=workers)
     except BaseException:
