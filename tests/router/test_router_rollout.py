@@ -273,7 +273,8 @@ def test_admin_token_and_bind_rules(model_root: Path, tmp_path: Path, logs_dir: 
                            "--rest-port", "0"], cwd=ROOT, env=env_no_token, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2
-    assert "admin.host: 0.0.0.0 is not a loopback address; set TFS_ROUTER_ADMIN_TOKEN" in proc.stderr
+    assert ("admin.host: 0.0.0.0 is not a loopback address: the admin API there needs TLS (admin.tls or tls: "
+            "cert_file, key_file) and a secret token in TFS_ROUTER_ADMIN_TOKEN") in proc.stderr
 
 
 def test_cli_rollout_watch_shows_phases_and_exit_status(model_root: Path, tmp_path: Path, logs_dir: Path) -> None:
