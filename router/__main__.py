@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="serve one model by this name (with --model-base-path)")
     s.add_argument("--model-base-path", help="directory holding the model's numbered versions")
     s.add_argument("--workers", type=int, help="number of worker processes to spawn")
+    s.add_argument("--processes", type=int, help="data-plane processes sharing the ports (dataplane.processes; "
+                                                  "1: one process; 0: one per CPU)")
     s.add_argument("--numa", action=argparse.BooleanOptionalAction, default=None,
                    help="pin each worker to one NUMA node's CPUs and memory (workers.numa)")
     s.add_argument("--cpus-per-worker", type=int, help="0: a node's workers share its CPUs; N: each worker "
@@ -85,6 +87,8 @@ def build_config(args: argparse.Namespace) -> cfgmod.Config:
         changes["admin.port"] = args.admin_port
     if args.log_level:
         changes["log.level"] = args.log_level
+    if args.processes is not None:
+        changes["dataplane.processes"] = args.processes
     cfg = cfgmod.override(base, **changes) if changes or not base.models else base
     if args.no_batching:
         cfg = cfgmod.override(cfg, models=[{**cfgmod.asdict_lists(m), "batching": {
@@ -104,6 +108,7 @@ async def serve(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
+        await app.wait_dataplanes()
         print(describe(app, cfg.rest.host), flush=True)
         waiter = asyncio.ensure_future(app.wait_ready(cfg.workers.startup_timeout_s))
         stopper = asyncio.ensure_future(stop.wait())
@@ -128,6 +133,10 @@ async def serve(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dataplane"]:  # a data-plane process the control plane started (router/procs.py)
+        from router import dataplane_proc
+
+        dataplane_proc.main(argv[1:])
     if argv[:1] == ["serve"] and tfs_flags.wants(argv[1:]):
         tfs_flags.main(argv[1:], prog="tfs-router serve")
     args = parser().parse_args(argv)

@@ -42,9 +42,9 @@ from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
+from router.procs import Hub, reserve_port, resolve_count
 from router.tls import ClientTls, ServerTls
-from router.transport import Transport, connect
-from shared import frames
+from router.transport import Transport, transport_for
 from workers import supervisor as sup
 
 log = logging.getLogger("router.app")
@@ -129,6 +129,11 @@ class App:
         self._ready = asyncio.Event()
         self._stopping = False
         self._models_loader: tuple[Callable[[], tuple[ModelConfig, ...]], float] | None = None
+        # dataplane.processes > 1: the frontends run in data-plane processes (router/procs.py)
+        self.processes = resolve_count(config.dataplane.processes)
+        self.hub: Hub | None = None
+        self._reserved: list[Any] = []
+        self.registry.on_switch = self._state_changed
 
     def _server_tls(self, listener: str, alpn: tuple[str, ...]) -> ServerTls | None:
         cfg = self.config.listener_tls(listener)
@@ -179,7 +184,16 @@ class App:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _state_changed(self) -> None:
+        if self.hub is not None:
+            self.hub.publish()
+
+    def record_answer(self, model: str, version: int, code: str, seconds: float) -> None:
+        """An answer a data-plane process gave (router/procs.py)."""
+        self._answered(model, version, code, seconds)
+
     def _publish_states(self) -> None:
+        self._state_changed()
         for b in self.pool.backends:
             self.metrics.set_worker_state(b.name, b.state)
         if self.registry.ready() and not self._stopping:
@@ -196,10 +210,13 @@ class App:
         for m in self.config.models:
             if not self.source.on_disk(m.name):
                 log.warning("model %s: no version directories under %s yet", m.name, m.base_path)
-        await self.grpc.start()
-        await self.rest.start()
+        if self.processes > 1:
+            await self._start_dataplanes()
+        else:
+            await self.grpc.start()
+            await self.rest.start()
+            self.rest.accepting = True
         await self.admin.start()
-        self.rest.accepting = True
         self._publish_states()
         w = self.config.workers
         if w.mode == "spawn":
@@ -228,6 +245,38 @@ class App:
         self._spawn(self._health_loop(), "health")
         for tls in self._tls_watched:
             self._spawn(tls.watch(), f"tls-{tls.name}")
+
+    async def _start_dataplanes(self) -> None:
+        """The ports held (bound with SO_REUSEPORT, not listening), the data-plane processes started."""
+        g, r = self.config.grpc, self.config.rest
+        for host, port, frontend in ((g.host, g.port, self.grpc), (r.host, r.port, self.rest)):
+            try:
+                sock = reserve_port(host, port)
+            except OSError as exc:
+                from shared.errors import BindError
+
+                raise BindError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+            self._reserved.append(sock)
+            frontend.port = sock.getsockname()[1]
+        if self._socket_dir is None:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="tfs-router-"))
+            self._own_socket_dir = True
+        self.hub = Hub(self, self.processes, self._socket_dir, (self.grpc.port, self.rest.port))
+        self.pool.remote_idle = self.hub.wait_idle
+        hub = self.hub
+
+        async def settle() -> None:
+            await hub.synced()
+
+        self.admin.settle = settle
+        self.admin.extra_status = hub.status
+        await self.hub.start()
+        log.info("data plane: %d processes on gRPC :%d and REST :%d", self.processes, self.grpc.port,
+                 self.rest.port)
+
+    async def wait_dataplanes(self) -> None:
+        if self.hub is not None:
+            await self.hub.wait_ready()
 
     def _worker_specs(self, count: int) -> list[sup.WorkerSpec]:
         w = self.config.workers
@@ -374,15 +423,9 @@ class App:
     # -- worker events ---------------------------------------------------------
 
     def _transport(self, backend: Backend) -> Transport:
-        """How the router reaches this worker (``router.transport``): its own spawned workers
-        take Predict over frames unless ``workers.transport: grpc``; everything else gRPC."""
-        w = self.config.workers
-        if w.mode == "spawn" and w.transport != "grpc":
-            return connect(backend.name, backend.address, "frames", frames.socket_for(backend.address))
-        if self.worker_tls is not None and not backend.address.startswith("unix:"):
-            return connect(backend.name, backend.address, tls=self.worker_tls,
-                           on_tls_error=lambda details: self._worker_tls_failed(backend, details))
-        return connect(backend.name, backend.address)
+        """How the router reaches this worker (``router.transport.transport_for``)."""
+        return transport_for(self.config.workers, backend.name, backend.address, self.worker_tls,
+                             lambda details: self._worker_tls_failed(backend, details))
 
     def _connect(self, backend: Backend, pid: int | None = None) -> None:
         old = backend.transport
@@ -467,6 +510,8 @@ class App:
         grace = self.config.shutdown_timeout_s
         log.info("shutting down: draining for up to %.1fs", grace)
         self.rest.accepting = False
+        if self.hub is not None:  # each data plane drains its own calls
+            await self.hub.stop(grace)
         try:
             await self.grpc.set_serving(False)
         except Exception:  # health state is best effort during shutdown
@@ -498,6 +543,8 @@ class App:
                 b.transport = None
         if self.supervisor is not None:
             await self.supervisor.stop(timeout=grace)
+        for sock in self._reserved:
+            sock.close()
         if self._socket_dir is not None and self._own_socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         log.info("stopped")

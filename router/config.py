@@ -336,6 +336,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class DataplaneConfig:
+    """The data plane on several processes (router/procs.py)."""
+
+    # 1: one process serves everything (no control channel); N > 1: the control plane plus
+    # N data-plane processes sharing the gRPC and REST ports; 0: one per CPU (at most 8).
+    processes: int = 1
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"  # text | json
@@ -353,6 +362,7 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     log: LogConfig = field(default_factory=LogConfig)
     poll_interval_s: float = 1.0  # how often base paths are scanned for new versions
     shutdown_timeout_s: float = 10.0
@@ -551,6 +561,8 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_queued < 1:
         raise ConfigError("limits.max_queued: must be at least 1")
     _validate_tls(cfg)
+    if not 0 <= cfg.dataplane.processes <= 64:
+        raise ConfigError("dataplane.processes: 0 (one per CPU) to 64")
     if cfg.log.format not in ("text", "json"):
         raise ConfigError(f"log.format: {cfg.log.format!r} (use text or json)")
 

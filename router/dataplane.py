@@ -85,6 +85,8 @@ class DataPlane:
         version: int | None = None
         try:
             if resolved is None:
+                if self.control.held and spec.WhichOneof("version_choice") is None:
+                    await self.control.settled(spec.name)
                 resolved = self.resolve(spec, headers)
             version, sig, chosen_by_router = resolved
             try:

@@ -142,6 +142,8 @@ class Pool:
         # control plane may bring its view up to date before the request is retried
         # (passive control reads the workers again).
         self.version_missing: Callable[[Backend, str, int], Awaitable[None]] = _nothing_missing
+        # With data-plane processes (router/procs.py): the calls they have in flight count too.
+        self.remote_idle: Callable[[Backend, float], Awaitable[bool]] | None = None
 
     # -- queries ---------------------------------------------------------------
 
@@ -180,6 +182,8 @@ class Pool:
             if loop.time() >= end:
                 return False
             await asyncio.sleep(0.005)  # a control-plane wait: polling keeps the hot path free of it
+        if self.remote_idle is not None:
+            return await self.remote_idle(backend, max(0.0, end - loop.time()))
         return True
 
     def available_versions(self, model: str) -> set[int]:

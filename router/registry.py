@@ -15,6 +15,7 @@ old one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -68,6 +69,9 @@ class Registry:
         self.routing: dict[str, Routing] = {}
         self.draw: Callable[[], float] = random.random
         self.on_route: Callable[[str, str], None] = lambda model, why: None
+        self.on_switch: Callable[[], None] = lambda: None
+        # Models whose unversioned requests wait (router/procs.py: a switch across processes).
+        self.held: dict[str, asyncio.Event] = {}
         pool.unservable = self.unservable
 
     def set_models(self, config: Config) -> None:
@@ -102,6 +106,7 @@ class Registry:
             return
         self.default[model] = version
         self.switched_at[model] = self._clock()
+        self.on_switch()
         log.info("model %s: unversioned requests now go to version %s (was %s)", model, version, old)
 
     # -- resolution --------------------------------------------------------------
@@ -173,6 +178,20 @@ class Registry:
 
     def known(self, model: str, version: int) -> bool:
         return (model, version) in self._meta
+
+    def metas(self) -> dict[tuple[str, int], VersionMeta]:
+        """Every version's signatures known here (a data-plane process gets them from the control plane)."""
+        return dict(self._meta)
+
+    def put_meta(self, meta: VersionMeta) -> None:
+        self._meta[(meta.model, meta.version)] = meta
+
+    async def settled(self, model: str) -> None:
+        """Wait while unversioned requests of ``model`` are held (a data-plane process, during the
+        first step of a switch: router/procs.py)."""
+        held = self.held.get(model)
+        if held is not None:
+            await held.wait()
 
     async def fetch_metadata(self, transport: Transport, model: str, version: int) -> VersionMeta:
         meta = self._meta.get((model, version))

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -57,6 +57,10 @@ AUTH_TRACKED_MAX = 10_000  # client addresses remembered; the oldest are forgott
 
 def admin_token() -> str:
     return os.environ.get(TOKEN_ENV, "")
+
+
+async def _nothing() -> None:
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -120,6 +124,10 @@ class AdminFrontend:
         self.tls = tls
         self._token = token.encode()
         self._failures = _AuthFailures()
+        # After a command: wait until every data-plane process applied what it changed (router/procs.py).
+        self.settle: Callable[[], Awaitable[Any]] = _nothing
+        # Extra sections of GET /v1/admin/status (the data-plane processes).
+        self.extra_status: Callable[[], dict[str, Any]] = dict
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -145,6 +153,8 @@ class AdminFrontend:
                 return _error("missing or wrong admin token (Authorization: Bearer ...)", 401)
         try:
             response: web.StreamResponse = await handler(request)
+            if request.method != "GET" and response.status < 300:
+                await self.settle()  # what changed reached every data-plane process
             return response
         except RolloutBusy as exc:
             return _error(str(exc), 409)
@@ -190,6 +200,7 @@ class AdminFrontend:
         status = self.controller.status()
         for m in status["models"]:
             m["routing"] = self.canary.status(m["name"])
+        status.update(self.extra_status())
         return _json(status)
 
     async def _rollout(self, request: web.Request) -> web.Response:

@@ -74,6 +74,7 @@ class GrpcFrontend:
                  tls: ServerTls | None = None) -> None:
         self.config = config
         self.tls = tls
+        self.reuse_port = False  # a data-plane process shares the port with the others (router/procs.py)
         self.dp = dataplane
         self.admission = admission
         self.metrics = metrics
@@ -208,7 +209,7 @@ class GrpcFrontend:
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                 ("grpc.max_metadata_size", cfg.max_metadata_bytes),
                 # Calls gRPC holds before the application takes them: past its
                 # defaults (1000, hard 3000) a burst is CANCELLED inside gRPC,

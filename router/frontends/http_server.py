@@ -17,7 +17,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,8 @@ class RestFrontend:
                  admission: Admission, *, tls: ServerTls | None = None) -> None:
         self.config = config
         self.tls = tls
+        self.reuse_port = False  # a data-plane process shares the port with the others (router/procs.py)
+        self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
         self.dp = dataplane
         self.control = control
         self.metrics = metrics
@@ -172,6 +174,8 @@ class RestFrontend:
         headers = request.headers.get  # case-insensitive, as the model's routing rules match
         # Resolved once: the version's signature parses the body, and the data plane routes by the same answer.
         chosen_by_router = spec.WhichOneof("version_choice") is None
+        if chosen_by_router and self.control.held:
+            await self.control.settled(spec.name)
         version = self.control.resolve(spec, headers)
         meta = self.control.metadata(spec.name, version)
 
@@ -212,6 +216,8 @@ class RestFrontend:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render()
+        if self.metrics_source is not None:  # a data-plane process: every process's, summed
+            body = await self.metrics_source()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
         return resp
@@ -246,7 +252,8 @@ class RestFrontend:
         factory = _ConnectionLimit(self.runner.server, cfg.max_connections, refused)
         try:
             self._listener = await asyncio.get_running_loop().create_server(
-                factory, cfg.host, cfg.port, reuse_address=True, backlog=min(cfg.max_connections, 4096),
+                factory, cfg.host, cfg.port, reuse_address=True, reuse_port=self.reuse_port or None,
+                backlog=min(cfg.max_connections, 4096),
                 ssl=self.tls.ssl_context() if self.tls is not None else None)
         except OSError as exc:
             raise BindError(f"cannot listen for REST on {cfg.host}:{cfg.port} ({exc.strerror}); "

@@ -18,6 +18,7 @@ from protos import config_pb2, metadata_pb2, predict_pb2, status_pb2
 from shared.errors import Unavailable
 
 if TYPE_CHECKING:
+    from router.config import WorkersConfig
     from router.tls import ClientTls
 
 
@@ -60,4 +61,17 @@ def connect(name: str, address: str, kind: str = "grpc", frames_address: str | N
     return FramesTransport(name, frames_address, grpc_transport)
 
 
-__all__ = ["Transport", "TransportError", "connect"]
+def transport_for(workers: WorkersConfig, name: str, address: str, tls: ClientTls | None = None,
+                  on_tls_error: Callable[[str], None] | None = None) -> Transport:
+    """How the router reaches one worker: its own spawned workers take Predict over frames unless
+    ``workers.transport: grpc``; everything else gRPC (over TLS with ``workers.tls`` off Unix sockets)."""
+    from shared import frames
+
+    if workers.mode == "spawn" and workers.transport != "grpc":
+        return connect(name, address, "frames", frames.socket_for(address))
+    if tls is not None and not address.startswith("unix:"):
+        return connect(name, address, tls=tls, on_tls_error=on_tls_error)
+    return connect(name, address)
+
+
+__all__ = ["Transport", "TransportError", "connect", "transport_for"]

@@ -1,0 +1,190 @@
+"""The data plane on several processes behind one control plane (``dataplane.processes``, router/procs.py).
+
+Real router, real data-plane processes sharing the ports (SO_REUSEPORT), real
+workers; the load goes over many gRPC channels, each its own connection, so
+that every process gets some of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from tests.support import TEST_VOCAB, RouterProcess, SteadyLoad, copy_in, predict_request
+from workers.demo_model import example_inputs
+
+INPUTS = example_inputs(1, vocab=TEST_VOCAB)
+
+
+def channels(router: RouterProcess, n: int) -> list[grpc.Channel]:
+    """``n`` channels, each on its own connection (the kernel spreads connections over the processes)."""
+    return [grpc.insecure_channel(f"127.0.0.1:{router.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(n)]
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start(base: Path, logs_dir: Path, processes: int, env: dict[str, str] | None = None,
+          **extra: Any) -> RouterProcess:
+    config = {"models": [{"name": "ctr", "base_path": str(base)}], "workers": {"count": 2},
+              "poll_interval_s": 0.2, "dataplane": {"processes": processes}, **extra}
+    router = RouterProcess(config, log_dir=logs_dir, env=env)
+    router.wait_ready()
+    wait_for(lambda: all(d["ready"] for d in router.status()["dataplanes"]), "every data plane to be ready")
+    return router
+
+
+def dataplane_pids(router: RouterProcess) -> list[int]:
+    return [d["pid"] for d in router.status()["dataplanes"]]
+
+
+@pytest.mark.parametrize(("processes", "lagging"), [(2, False), (3, False), (2, True)],
+                         ids=["2", "3", "2-one-lagging"])
+def test_rollout_across_processes_keeps_the_switch_and_fails_nothing(processes: int, lagging: bool, model_root: Path,
+                                                                     tmp_path: Path, logs_dir: Path) -> None:
+    base = tmp_path / "ctr"
+    base.mkdir()
+    copy_in(model_root / "ctr" / "1", base, 1, tmp_path)
+    # lagging: process 1 applies every revision 0.3 s late; without the switch's first step (hold new
+    # unversioned requests everywhere, then switch) its clients would get version 1 after others got 2
+    env = {"TFS_ROUTER_TEST_APPLY_DELAY": "1:0.3"} if lagging else None
+    router = start(base, logs_dir, processes, env=env)
+    chans = channels(router, 3 * processes)
+    try:
+        loads = [SteadyLoad(c, predict_request("ctr", INPUTS)) for c in chans]
+        for load in loads:
+            load.__enter__()
+        try:
+            loads[0].wait(0.5)
+            copy_in(model_root / "ctr" / "2", base, 2, tmp_path)
+            [_, rollout] = router.wait_rollouts(2)
+            loads[0].wait(0.5)
+        finally:
+            for load in loads:
+                load.__exit__()
+        assert rollout["state"] == "done" and rollout["to"] == {"ctr": [2]}, rollout
+        records = [r for load in loads for r in load.records]
+        assert not [r for r in records if r[3] != "OK"], [r for r in records if r[3] != "OK"][:5]
+        # one instant for the whole machine: once any client saw version 2, every request sent
+        # after it, to whichever process, got version 2
+        switch = min(answered for _, answered, v, _ in records if v == 2)
+        late_old = [r for r in records if r[0] > switch and r[2] != 2]
+        assert late_old == [], late_old[:5]
+        status = router.status()
+        assert all(d["answered"] > 0 for d in status["dataplanes"]), status["dataplanes"]  # all took traffic
+        # the drain waited for every process: no client call reached a worker while it converted
+        stats = router.worker_stats()
+        assert not [(n, op) for n, s in stats.items() for op in s["operations"] if op["client_requests"]]
+    finally:
+        for c in chans:
+            c.close()
+        assert router.terminate() == 0, router.log()
+
+
+def test_canary_weight_applies_in_every_process_at_once(model_root: Path, logs_dir: Path) -> None:
+    config = {"models": [{"name": "ctr", "base_path": str(model_root / "ctr"), "version_policy": "specific:1,2",
+                          "version_labels": {"stable": 1, "canary": 2},
+                          "routing": {"split": {"stable": 90, "canary": 10}, "sticky_header": "x-user"}}],
+              "workers": {"count": 2}, "dataplane": {"processes": 2}}
+    router = RouterProcess(config, log_dir=logs_dir)
+    chans = channels(router, 6)
+    try:
+        router.wait_ready()
+        wait_for(lambda: router.status()["models"][0]["available"] == [1, 2], "both versions")
+        code, body = router.admin("POST", "/v1/admin/models/ctr/canary", {"weight": 50})
+        assert code == 200, body
+        request = predict_request("ctr", INPUTS)
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
+        seen: dict[str, set[int]] = {}
+        for i in range(60):  # the same key over every connection, right after the command returned
+            key = f"user-{i}"
+            futures = [s.Predict.future(request, metadata=(("x-user", key),), timeout=30) for s in stubs]
+            seen[key] = {f.result().model_spec.version.value for f in futures}
+        assert all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
+        on_canary = sum(v == {2} for v in seen.values())
+        assert 15 <= on_canary <= 45, on_canary  # about half, where 10% would give ~6
+        assert len({d["revision"] for d in router.status()["dataplanes"]}) == 1
+    finally:
+        for c in chans:
+            c.close()
+        assert router.terminate() == 0, router.log()
+
+
+def test_a_killed_dataplane_comes_back_and_others_see_nothing(model_root: Path, logs_dir: Path) -> None:
+    router = start(model_root / "ctr", logs_dir, 2)
+    chans = channels(router, 6)
+    try:
+        before = dataplane_pids(router)
+        loads = [SteadyLoad(c, predict_request("ctr", INPUTS)) for c in chans]
+        for load in loads:
+            load.__enter__()
+        try:
+            loads[0].wait(0.5)
+            os.kill(before[0], signal.SIGKILL)
+            wait_for(lambda: dataplane_pids(router)[0] not in (None, before[0])
+                     and all(d["ready"] for d in router.status()["dataplanes"]), "the data plane to come back")
+            counts = [len(load.records) for load in loads]
+            loads[0].wait(1.0)
+        finally:
+            for load in loads:
+                load.__exit__()
+        failed = [r for load in loads for r in load.records if r[3] != "OK"]
+        # only calls in flight on the killed process's connections (one per channel at most)
+        assert len(failed) <= len(chans), failed
+        assert all(code == "UNAVAILABLE" for *_, code in failed), failed
+        # every client goes on (those of the killed process reconnect), and succeeds
+        for load, n in zip(loads, counts):
+            assert load.records[n:] and all(code == "OK" for *_, code in load.records[n:])
+        assert router.status()["dataplane_restarts"] == 1
+    finally:
+        for c in chans:
+            c.close()
+        pids = dataplane_pids(router)
+        assert router.terminate() == 0, router.log()
+        for pid in pids:  # SIGTERM took every data plane down
+            if pid is not None:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+
+
+def test_metrics_totals_equal_the_requests_sent(model_root: Path, logs_dir: Path) -> None:
+    router = start(model_root / "ctr", logs_dir, 2)
+    chans = channels(router, 6)
+    try:
+        request = predict_request("ctr", INPUTS)
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
+        sent = 0
+        for _ in range(20):
+            for f in [s.Predict.future(request, timeout=30) for s in stubs]:
+                f.result()
+                sent += 1
+
+        def count(name: str, *parts: str) -> float:
+            body = router.get("/monitoring/prometheus/metrics")[1].decode()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                       if line.startswith(name + "{") and all(p in line for p in parts))
+
+        wait_for(lambda: count("tfs_router_version_requests_total", 'code="OK"') == sent, "the reports", timeout=10)
+        assert count(":tensorflow:serving:request_count", 'model_name="ctr"', 'status="OK"') == sent
+        assert count("tfs_router_requests_total", 'api="Predict"', 'code="OK"', 'protocol="grpc"') == sent
+        # each process took some: the kernel spread the connections
+        assert all(d["answered"] > 0 for d in router.status()["dataplanes"]), router.status()["dataplanes"]
+    finally:
+        for c in chans:
+            c.close()
+        assert router.terminate() == 0, router.log()
