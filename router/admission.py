@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from router.config import Config, QuotaConfig
 from shared.errors import DeadlineExceeded, ResourceExhausted
@@ -333,3 +334,82 @@ class Admission:
             t.bucket.spend()  # only admitted requests spend tokens: a refusal costs the tenant nothing
         self._on_admit(t.label, model, waited)
         return ticket
+
+
+# -- quotas over several data-plane processes (router/procs.py) -----------------------------------
+
+
+@dataclass
+class _SharedTicket(Ticket):
+    """A ticket whose tenant and model quotas the control plane holds: released there too."""
+
+    remote: Callable[[], None] = lambda: None
+
+    def release(self) -> None:
+        super().release()
+        remote, self.remote = self.remote, lambda: None
+        remote()
+
+
+class SharedAdmission(Admission):
+    """Admission in one of N data-plane processes, with quotas that hold for the whole router.
+
+    A tenant's quotas (``rate_per_s``, ``max_inflight``, ``max_queued``) and a
+    model's are decided in one place, the control plane (its ``Admission``):
+    a request of a tenant or model that has one asks it (``ask``: one message
+    there and back on the control socket, another to release) before it is
+    served here.  Requests of tenants and models without quotas never leave the
+    process.  The router-wide gate (``limits.max_inflight``, ``max_waiting``)
+    is split evenly: each process holds 1/N of it, with every tenant's priority.
+    """
+
+    def __init__(self, config: Config, processes: int, ask: Callable[[str | None, str, float], Any],
+                 **kwargs: Any) -> None:
+        import dataclasses as dc
+
+        q = config.quotas
+        # Here: priorities only (the order of the router gate), no limits; the router gate's share.
+        local = dc.replace(
+            config,
+            quotas=dc.replace(q, default=QuotaConfig(priority=q.default.priority),
+                              tenants={n: QuotaConfig(priority=t.priority) for n, t in q.tenants.items()}),
+            models=tuple(dc.replace(m, quota=QuotaConfig()) for m in config.models),
+            limits=dc.replace(config.limits, max_inflight=max(1, math.ceil(config.limits.max_inflight / processes)),
+                              max_waiting=math.ceil(config.limits.max_waiting / processes)))
+        on_admit = kwargs.pop("on_admit", None) or (lambda tenant, model, waited: None)
+        super().__init__(local, on_admit=lambda tenant, model, waited: None
+                         if self._limited_label(tenant, model) else on_admit(tenant, model, waited), **kwargs)
+        self._shared_quotas = q
+        self._model_limited = {m.name: m.quota.max_inflight > 0 for m in config.models}
+        self._ask = ask
+
+    @staticmethod
+    def _has_limit(quota: QuotaConfig) -> bool:
+        return quota.max_inflight > 0 or quota.rate_per_s > 0
+
+    def limited(self, tenant_name: str | None, model: str) -> bool:
+        """The control plane decides this request (its tenant or its model has a quota)."""
+        quota = self._shared_quotas.tenants.get(tenant_name or DEFAULT_TENANT, self._shared_quotas.default)
+        return self._has_limit(quota) or self._model_limited.get(model, False)
+
+    def _limited_label(self, label: str, model: str) -> bool:
+        name = DEFAULT_TENANT if label == OTHER_TENANTS else label
+        return self.limited(name, model)
+
+    def set_models(self, config: Config) -> None:
+        import dataclasses as dc
+
+        super().set_models(dc.replace(config, models=tuple(dc.replace(m, quota=QuotaConfig())
+                                                           for m in config.models)))
+        self._model_limited = {m.name: m.quota.max_inflight > 0 for m in config.models}
+
+    async def admit(self, tenant_name: str | None, model: str, deadline: float) -> Ticket:
+        if not self.limited(tenant_name, model):
+            return await super().admit(tenant_name, model, deadline)
+        release: Callable[[], None] = await self._ask(tenant_name, model, deadline)
+        try:
+            ticket = await super().admit(tenant_name, model, deadline)
+        except BaseException:
+            release()
+            raise
+        return _SharedTicket(ticket.gates, ticket.tenant, release)

@@ -100,6 +100,12 @@ def render_status(status: dict[str, Any]) -> str:
                 w.get("pid") or "-", w["inflight"], _versions(w["versions"]), w.get("step") or "-"]
                for w in status["workers"]]
     out.append(table(["worker", "state", "in rotation", "pid", "in flight", "versions", "step"], workers))
+    if status.get("dataplanes"):  # dataplane.processes > 1
+        planes = [[d["index"], d["pid"] or "-", "yes" if d["ready"] else "no",
+                   f"{d['revision']}/{d['revision_published']}" if d["revision"] is not None else "-",
+                   d["inflight"], d["answered"]] for d in status["dataplanes"]]
+        out.append("")
+        out.append(table(["data plane", "pid", "ready", "revision", "in flight", "answered"], planes))
     models = [[m["name"], m["default_version"] if m["default_version"] is not None else "-",
                ",".join(map(str, m["serving"])) or "-", ",".join(map(str, m["complete_on_disk"])) or "-",
                ",".join(f"{v} ({why})" for v, why in m["failed"].items()) or "-",

@@ -17,12 +17,15 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
+
+import grpc
 
 from prometheus_client import CollectorRegistry
 
 from router import log as rlog
-from router.admission import Admission
+from router.admission import SharedAdmission
 from router.batcher import Batcher
 from router.config import Config, from_dict, override
 from router.dataplane import DataPlane
@@ -35,6 +38,7 @@ from router.procs import REPORT_S, _receive, _send, apply_snapshot
 from router.registry import Registry
 from router.tls import ClientTls, ServerTls
 from router.transport import transport_for
+from shared.errors import ResourceExhausted, Unavailable, from_code
 
 log = logging.getLogger("router.dataplane")
 
@@ -45,7 +49,7 @@ SHUTDOWN_LINGER_S = 0.5
 
 
 class DataPlaneProcess:
-    def __init__(self, config: Config, index: int) -> None:
+    def __init__(self, config: Config, index: int, processes: int) -> None:
         self.config = config
         self.index = index
         self.metrics = Metrics(CollectorRegistry())
@@ -58,8 +62,9 @@ class DataPlaneProcess:
         def label(model: str) -> str:
             return model if config.model(model) is not None else "_unknown"
 
-        self.admission = Admission(
-            config, on_shed=lambda tenant, model, why: self.metrics.quota_shed(tenant, label(model), why),
+        self.admission = SharedAdmission(
+            config, processes, self._ask_admission,
+            on_shed=lambda tenant, model, why: self.metrics.quota_shed(tenant, label(model), why),
             on_admit=lambda tenant, model, waited: self.metrics.admitted(tenant, label(model), waited))
         tls = {n: ServerTls(n, config.listener_tls(n), self.metrics.tls_reload_failed,
                             alpn=("http/1.1",) if n == "rest" else ())
@@ -77,6 +82,8 @@ class DataPlaneProcess:
         self._serving = False
         self._scrapes: dict[int, asyncio.Future[bytes]] = {}
         self._next_scrape = 0
+        self._admissions: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_admission = 0
         self.rest.metrics_source = self._scrape
         index_s, _, delay_s = os.environ.get(APPLY_DELAY_ENV, "").partition(":")
         self._apply_delay = float(delay_s) if index_s == str(index) and delay_s else 0.0
@@ -123,6 +130,33 @@ class DataPlaneProcess:
             self._scrapes.pop(self._next_scrape, None)
             log.warning("the control plane did not answer a scrape; this process's metrics only")
             return self.metrics.render()[0]
+
+    async def _ask_admission(self, tenant: str | None, model: str, deadline: float) -> Callable[[], None]:
+        """The control plane's admission for a request of a tenant or model with a quota (one for the
+        whole router): the function that releases it, or the refusal raised here."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise Unavailable("the router's control plane is not reachable")
+        self._next_admission += 1
+        ident = self._next_admission
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._admissions[ident] = waiter
+        writer.write(_line({"kind": "admit", "id": ident, "tenant": tenant, "model": model, "deadline": deadline}))
+        try:
+            reply = await waiter
+        finally:
+            self._admissions.pop(ident, None)
+        if reply["kind"] != "admitted":
+            code = grpc.StatusCode[reply["code"]]
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise ResourceExhausted(reply["message"], float(reply.get("retry_after") or 1.0))
+            raise from_code(code, reply["message"])
+
+        def release() -> None:
+            if self._writer is not None and not self._writer.is_closing():
+                self._writer.write(_line({"kind": "release", "id": ident}))
+
+        return release
 
     # -- state -----------------------------------------------------------------------------
 
@@ -206,6 +240,11 @@ class DataPlaneProcess:
                     writer.write(_line({"kind": "exposition", "id": message["id"],
                                         "text": self.metrics.render()[0].decode("utf-8")}))
                     continue
+                elif kind in ("admitted", "refused"):
+                    admission = self._admissions.get(message["id"])
+                    if admission is not None and not admission.done():
+                        admission.set_result(message)
+                    continue
                 elif kind == "scraped":
                     waiter = self._scrapes.pop(message["id"], None)
                     if waiter is not None and not waiter.done():
@@ -217,6 +256,10 @@ class DataPlaneProcess:
         except (ConnectionError, ValueError) as exc:
             log.warning("data plane %d: control channel broke (%s); draining", self.index, exc)
         finally:
+            for admission in self._admissions.values():  # nobody will answer them now
+                if not admission.done():
+                    admission.set_result({"kind": "refused", "code": "UNAVAILABLE",
+                                          "message": "the router's control plane went away"})
             stop.set()
 
     async def stop(self) -> None:
@@ -271,7 +314,7 @@ async def serve(control: str, index: int, parent_pid: int) -> int:
         return 1
     config = from_dict(hello["config"])
     rlog.setup(config.log.level, config.log.format, config.log.access_log)
-    proc = DataPlaneProcess(config, index)
+    proc = DataPlaneProcess(config, index, int(hello["processes"]))
     watcher = loop.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
     try:
         await proc.run(reader, writer, int(hello["grpc_port"]), int(hello["rest_port"]), stop)

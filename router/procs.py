@@ -60,9 +60,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from protos import metadata_pb2, status_pb2
+from router.admission import Ticket
 from router.pool import Backend, Pool
 from router.registry import Registry, VersionMeta
 from router.traffic import RoutingError, compile_routing
+from shared.errors import ServingError
 from shared.signature import Signature
 
 if TYPE_CHECKING:
@@ -243,6 +245,7 @@ class _Link:
         self.ready = asyncio.Event()
         self.pid: int | None = None
         self.answered = 0
+        self.tickets: dict[int, Ticket] = {}  # admissions this process holds (its tenants' quotas)
 
 
 class Hub:
@@ -341,7 +344,7 @@ class Hub:
             old.writer.close()
         self._links[index] = link
         await _send(writer, {"kind": "config", "config": asdict_lists(self.app.config),
-                             "grpc_port": self.ports[0], "rest_port": self.ports[1]})
+                             "grpc_port": self.ports[0], "rest_port": self.ports[1], "processes": self.count})
         state = snapshot(self.app.pool, self.app.registry)
         await _send(writer, {"kind": "state", "rev": self.revision, "state": state})
         try:
@@ -355,6 +358,9 @@ class Hub:
         finally:
             if self._links.get(index) is link:
                 del self._links[index]
+            for ticket in link.tickets.values():  # what the process held is free again
+                ticket.release()
+            link.tickets.clear()
             link.changed.set()
             writer.close()
 
@@ -370,6 +376,12 @@ class Hub:
             link.pid = message.get("pid")
             link.ready.set()
             log.info("data plane %d listening (pid %s)", link.index, link.pid)
+        elif kind == "admit":
+            self._spawn(self._admit(link, message), f"admit-{link.index}")
+        elif kind == "release":
+            ticket = link.tickets.pop(message["id"], None)
+            if ticket is not None:
+                ticket.release()
         elif kind == "scrape":
             self._spawn(self._scrape(link, message["id"]), f"scrape-{link.index}")
         elif kind == "exposition":
@@ -381,6 +393,24 @@ class Hub:
             link.answered += len(answers)
             for model, version, code, seconds in answers:
                 self.app.record_answer(model, version, code, seconds)
+
+    async def _admit(self, link: _Link, message: dict[str, Any]) -> None:
+        """A data plane's request of a tenant or model with a quota: decided here, for the whole router."""
+        reply: dict[str, Any] = {"kind": "admitted", "id": message["id"]}
+        try:
+            ticket = await self.app.admission.admit(message["tenant"], message["model"], float(message["deadline"]))
+        except ServingError as exc:
+            reply = {"kind": "refused", "id": message["id"], "code": exc.code.name, "message": exc.message,
+                     "retry_after": getattr(exc, "retry_after", None)}
+        else:
+            if self._links.get(link.index) is not link:  # the process is gone
+                ticket.release()
+                return
+            link.tickets[message["id"]] = ticket
+        try:
+            await _send(link.writer, reply)
+        except ConnectionError:
+            pass
 
     async def metrics(self) -> bytes:
         """Every process's metrics in one exposition: the control plane's and each data plane's, summed."""

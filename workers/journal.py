@@ -51,9 +51,12 @@ class Journal:
         self._active: list[Operation] = []
         self._clock = clock
         self.in_flight = 0
+        self.peak_in_flight = 0  # the most client calls in flight at once, ever
 
     def client_started(self) -> None:
         self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
         for op in self._active:
             op.client_requests += 1
 

@@ -307,7 +307,8 @@ class WorkerServices:
     # -- tfsrouter.Worker ------------------------------------------------------
 
     async def Stats(self, request: bytes, context: Context) -> bytes:
-        """JSON: pid, requests (client Predicts answered), requests_by_transport ({grpc|frames: count}),
+        """JSON: pid, requests (client Predicts answered), peak_in_flight (the most client calls in flight
+        at once), requests_by_transport ({grpc|frames: count}),
         client_requests_by_version
         ({model: {version: count}}, summing to requests), executors ({model: {version:
         count}}), reload_requests (ReloadConfig calls received), now and operations (workers.journal: the last loads, unloads and
@@ -320,6 +321,7 @@ class WorkerServices:
             {
                 "pid": os.getpid(),
                 "requests": self.requests,
+                "peak_in_flight": self._journal.peak_in_flight,
                 "requests_by_transport": self.requests_by_transport,
                 "reload_requests": self.reload_requests,
                 "client_requests_by_version": by_version,

@@ -188,3 +188,46 @@ def test_metrics_totals_equal_the_requests_sent(model_root: Path, logs_dir: Path
         for c in chans:
             c.close()
         assert router.terminate() == 0, router.log()
+
+
+def test_a_tenants_quota_holds_over_all_processes(model_root: Path, slow_model: Path, tmp_path: Path,
+                                                  logs_dir: Path) -> None:
+    import threading
+
+    base = tmp_path / "slow"
+    base.mkdir()
+    copy_in(slow_model, base, 2, tmp_path)
+    # One worker running up to 16 calls at once, each data plane allowed 16 calls on it: only the
+    # tenant's quota (8 in flight, for the whole router) keeps the worker at 8.
+    router = start(base, logs_dir, 2, workers={"count": 1, "predict_threads": 16, "max_inflight": 16},
+                   models=[{"name": "ctr", "base_path": str(base), "batching": {"enabled": False}}],
+                   quotas={"tenants": {"t": {"max_inflight": 8, "max_queued": 1000}}})
+    chans = channels(router, 8)
+    try:
+        request = predict_request("ctr", INPUTS)
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def client(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    stubs[i % len(stubs)].Predict(request, metadata=(("x-tenant", "t"),), timeout=60)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures[:5]
+        [stats] = router.worker_stats().values()
+        assert 6 <= stats["peak_in_flight"] <= 8, stats["peak_in_flight"]
+        assert all(d["answered"] > 0 for d in router.status()["dataplanes"])  # both processes served t
+    finally:
+        for c in chans:
+            c.close()
+        assert router.terminate() == 0, router.log()
