@@ -195,6 +195,17 @@ class DataPlaneProcess:
             self._serving = True
             self._spawn(self.grpc.set_serving(True))
 
+    def _set_models(self, config: Config) -> None:
+        """The model list changed at run time: the parts that keep it follow (as in App.set_models)."""
+        removed = {m.name for m in self.config.models} - {m.name for m in config.models}
+        self.config = config
+        for part in (self.registry, self.admission, self.grpc, self.rest):
+            part.set_models(config)
+        self.grpc.config = override(config, **{"grpc.port": self.grpc.port})
+        self.rest.config = override(config, **{"rest.port": self.rest.port})
+        for name in removed:
+            self.pool.fail_waiters(name)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -232,7 +243,9 @@ class DataPlaneProcess:
                 kind = message.get("kind")
                 if self._apply_delay and kind in ("hold", "state"):
                     await asyncio.sleep(self._apply_delay)
-                if kind == "hold":
+                if kind == "models":
+                    self._set_models(from_dict(message["config"]))
+                elif kind == "hold":
                     self._hold(list(message["models"]))
                 elif kind == "state":
                     self._apply(message)

@@ -259,6 +259,7 @@ class Hub:
         self.ports = ports
         self.revision = 0
         self._sent_state: dict[str, Any] | None = None
+        self._sent_config: dict[str, Any] | None = None
         self._links: dict[int, _Link] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -456,6 +457,14 @@ class Hub:
                 log.exception("publishing the data planes' state failed")
 
     async def _publish_now(self) -> None:
+        from router.config import asdict_lists
+
+        config = asdict_lists(self.app.config)
+        if self._sent_config is not None and config != self._sent_config:
+            # Models added or removed at run time (--model_config_file_poll_wait_seconds): first the list.
+            self.revision += 1
+            await self._broadcast({"kind": "models", "rev": self.revision, "config": config})
+        self._sent_config = config
         state = snapshot(self.app.pool, self.app.registry)
         if state == self._sent_state:
             return

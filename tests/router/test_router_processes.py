@@ -231,3 +231,38 @@ def test_a_tenants_quota_holds_over_all_processes(model_root: Path, slow_model: 
         for c in chans:
             c.close()
         assert router.terminate() == 0, router.log()
+
+
+def test_models_added_and_removed_at_run_time_reach_every_process(model_root: Path, tmp_path: Path,
+                                                                  logs_dir: Path) -> None:
+    import sys
+
+    config = tmp_path / "models.config"
+    config.write_text(f"model_config_list {{\n  config {{ name: 'ctr' base_path: '{model_root / 'ctr'}' "
+                      "model_platform: 'tensorflow' }\n}\n")
+    router = RouterProcess.command(
+        [str(Path(sys.executable).parent / "tensorflow_model_server"), "--port=0", "--rest_api_port=0",
+         f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=1", "--workers=1",
+         "--processes=2", "--admin_port=0"], log_dir=logs_dir)
+    chans = channels(router, 6)
+    try:
+        router.wait_ready()
+        config.write_text(config.read_text().replace("name: 'ctr'", "name: 'ctr2'"))
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
+
+        def everywhere(model: str) -> set[str]:
+            codes = set()
+            for s in stubs:
+                try:
+                    s.Predict(predict_request(model, INPUTS), timeout=30)
+                    codes.add("OK")
+                except grpc.RpcError as exc:
+                    codes.add(exc.code().name)
+            return codes
+
+        wait_for(lambda: everywhere("ctr2") == {"OK"}, "ctr2 served by every process", timeout=120)
+        assert everywhere("ctr") == {"NOT_FOUND"}
+    finally:
+        for c in chans:
+            c.close()
+        assert router.terminate() == 0, router.log()
