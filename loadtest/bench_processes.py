@@ -6,9 +6,9 @@ Starts, in one run on the same machine, two routers, each ``python -m router
 serve`` with two spawned workers and the demo model:
 
 * ``1 process``: ``dataplane.processes: 1`` (one process serves everything);
-* ``N processes``: ``dataplane.processes: N`` (default: what ``0``, one per
-  CPU, picks here): the control plane and N data-plane processes sharing the
-  ports.
+* ``N processes``: ``dataplane.processes: N`` (``--processes``; default one
+  per CPU, at least 2): the control plane and N data-plane processes sharing
+  the ports.
 
 Both stay up; only the one being measured gets load.  A round is, for each
 router in turn: REST at concurrency 64 under ``wrk`` (``make bench-processes``
@@ -193,15 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser("python -m loadtest.bench_processes", __doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the routers taking turns (default 3)")
     parser.add_argument("--processes", type=int, default=0,
-                        help="data-plane processes of the second router (default 0: one per CPU)")
+                        help="data-plane processes of the second router (default: one per CPU, at least 2)")
     args = parse_bench_args(parser, argv)
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (make bench-processes installs it: apt-get install wrk)")
     from router.procs import resolve_count
 
-    count = resolve_count(args.processes)
-    if count < 2:
-        parser.error(f"{count} data-plane process here: nothing to compare (give --processes 2)")
+    count = args.processes or max(2, resolve_count(0))  # at least 2: a comparison
+
     base = {"models": [{"name": MODEL_NAME, "base_path": str(args.model_dir)}], "workers": {"count": 2}}
     labels = ("1 process", f"{count} processes")
     routers: list[tuple[str, RouterProcess]] = []

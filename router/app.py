@@ -130,7 +130,7 @@ class App:
         self._stopping = False
         self._models_loader: tuple[Callable[[], tuple[ModelConfig, ...]], float] | None = None
         # dataplane.processes > 1: the frontends run in data-plane processes (router/procs.py)
-        self.processes = resolve_count(config.dataplane.processes)
+        self.processes = resolve_count(config.dataplane.processes, w.count if w.mode == "spawn" else 0)
         self.hub: Hub | None = None
         self._reserved: list[Any] = []
         self.registry.on_switch = self._state_changed

@@ -340,7 +340,8 @@ class DataplaneConfig:
     """The data plane on several processes (router/procs.py)."""
 
     # 1: one process serves everything (no control channel); N > 1: the control plane plus
-    # N data-plane processes sharing the gRPC and REST ports; 0: one per CPU (at most 8).
+    # N data-plane processes sharing the gRPC and REST ports; 0 (auto): one per CPU the spawned
+    # workers leave, 1 to 8 (README: "The data plane on several processes" says why).
     processes: int = 1
 
 

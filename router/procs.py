@@ -78,11 +78,12 @@ RESTART_BACKOFF_S = (0.5, 10.0)
 READY_TIMEOUT_S = 60.0
 
 
-def resolve_count(processes: int) -> int:
-    """``dataplane.processes``: 0 means one per CPU this process may use (at most 8)."""
+def resolve_count(processes: int, spawned_workers: int = 0) -> int:
+    """``dataplane.processes``; 0 (auto): one per CPU this process may use that its spawned workers
+    leave (each worker keeps a core busy under load), at least 1, at most 8."""
     if processes > 0:
         return processes
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    return max(1, min(8, len(os.sched_getaffinity(0)) - spawned_workers))
 
 
 # -- the snapshot ---------------------------------------------------------------------
