@@ -67,7 +67,9 @@ def test_rollout_across_processes_keeps_the_switch_and_fails_nothing(processes: 
     chans = channels(router, 3 * processes)
     try:
         loads = [SteadyLoad(c, predict_request("ctr", INPUTS)) for c in chans]
-        for load in loads:
+        # explicit versions, over connections of their own
+        old, new = (SteadyLoad(c, predict_request("ctr", INPUTS, version=v)) for c, v in zip(chans, (1, 2)))
+        for load in (*loads, old, new):
             load.__enter__()
         try:
             loads[0].wait(0.5)
@@ -75,9 +77,18 @@ def test_rollout_across_processes_keeps_the_switch_and_fails_nothing(processes: 
             [_, rollout] = router.wait_rollouts(2)
             loads[0].wait(0.5)
         finally:
-            for load in loads:
+            for load in (*loads, old, new):
                 load.__exit__()
         assert rollout["state"] == "done" and rollout["to"] == {"ctr": [2]}, rollout
+        # explicit versions: 1 answers until it is unloaded from the last worker, then NOT_FOUND;
+        # 2 answers from the moment a worker in rotation holds it, in every process, never fails after
+        v1_codes = [code for *_, code in old.records]
+        first_gone = v1_codes.index("NOT_FOUND") if "NOT_FOUND" in v1_codes else len(v1_codes)
+        assert v1_codes[0] == "OK" and set(v1_codes[:first_gone]) == {"OK"}, v1_codes
+        assert set(v1_codes[first_gone:]) <= {"NOT_FOUND"}, v1_codes
+        v2_codes = [code for *_, code in new.records]
+        first_ok = v2_codes.index("OK")
+        assert set(v2_codes[:first_ok]) <= {"UNAVAILABLE", "NOT_FOUND"} and set(v2_codes[first_ok:]) == {"OK"}
         records = [r for load in loads for r in load.records]
         assert not [r for r in records if r[3] != "OK"], [r for r in records if r[3] != "OK"][:5]
         # one instant for the whole machine: once any client saw version 2, every request sent
@@ -266,3 +277,20 @@ def test_models_added_and_removed_at_run_time_reach_every_process(model_root: Pa
         for c in chans:
             c.close()
         assert router.terminate() == 0, router.log()
+
+
+def test_killing_the_control_plane_takes_every_process_down(model_root: Path, logs_dir: Path) -> None:
+    """The choice for a lost control plane: its data planes drain and exit (and the workers, which watch
+    the router too), so nothing is left serving a state nobody updates."""
+    import psutil
+
+    router = start(model_root / "ctr", logs_dir, 2)
+    try:
+        children = psutil.Process(router.proc.pid).children(recursive=True)
+        assert len([p for p in children if "dataplane" in " ".join(p.cmdline())]) == 2
+        router.proc.kill()
+        router.proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    finally:
+        router.terminate()  # closes what the test held (the process is gone)
