@@ -717,6 +717,8 @@ class RouterProcess(_ChildProcess):
     ) -> None:
         argv = [sys.executable, "-m", "router", "serve"]
         self.ssl_context = ssl_context
+        # A benchmark's router starts from its config: runtime state (router/state.py) of its own.
+        env = {"TFS_ROUTER_STATE_DIR": tempfile.mkdtemp(prefix="tfs-router-state-"), **(env or {})}
         self.config_path: Path | None = None
         if config is not None:
             import yaml

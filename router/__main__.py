@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-port", type=int, help="admin endpoint port on admin.host (default 8502; 0 picks a "
                                                    "free one; -1 turns it off)")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--ignore-state", action="store_true",
+                   help="start from the config alone, not the runtime state kept from before (state.dir); "
+                        "the state file is replaced at the next change")
     cli.add_commands(sub)
     return p
 
@@ -96,10 +99,11 @@ def build_config(args: argparse.Namespace) -> cfgmod.Config:
     return cfg
 
 
-async def serve(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
+async def serve(cfg: cfgmod.Config, watch: Watch | None = None, config_path: str | None = None,
+                ignore_state: bool = False) -> int:
     from router.app import App, describe
 
-    app = App(cfg)
+    app = App(cfg, config_path=config_path, ignore_state=ignore_state)
     if watch is not None:  # --model_config_file_poll_wait_seconds
         app.watch_models(*watch)
     stop = asyncio.Event()
@@ -147,10 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     except cfgmod.ConfigError as exc:
         print(f"tfs-router: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(run(cfg))
+    raise SystemExit(run(cfg, config_path=args.config, ignore_state=args.ignore_state))
 
 
-def run(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
+def run(cfg: cfgmod.Config, watch: Watch | None = None, config_path: str | None = None,
+        ignore_state: bool = False) -> int:
     """Serve ``cfg`` until SIGTERM/SIGINT; the exit status (2: a port or config problem)."""
     rlog.setup(cfg.log.level, cfg.log.format, cfg.log.access_log)
     # One series per label set is enough; *_created doubles the scrape for nothing.
@@ -160,7 +165,7 @@ def run(cfg: cfgmod.Config, watch: Watch | None = None) -> int:
     import uvloop
 
     try:
-        code = uvloop.run(serve(cfg, watch))
+        code = uvloop.run(serve(cfg, watch, config_path, ignore_state))
     except BindError as exc:
         print(f"tfs-router: {exc}", file=sys.stderr)
         code = 2

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
 from router.procs import Hub, reserve_port, resolve_count
+from router.state import FileStore, State, directory as state_directory, empty as empty_state, merge as merge_state
 from router.tls import ClientTls, ServerTls
 from router.transport import Transport, transport_for
 from workers import supervisor as sup
@@ -56,7 +58,8 @@ SHUTDOWN_LINGER_S = 0.5
 
 class App:
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None, config_path: str | None = None,
+                 ignore_state: bool = False) -> None:
         self.config = config
         self.metrics = Metrics(registry or CollectorRegistry())
         w = config.workers
@@ -134,6 +137,16 @@ class App:
         self.hub: Hub | None = None
         self._reserved: list[Any] = []
         self.registry.on_switch = self._state_changed
+        # Operator decisions kept across restarts (router/state.py): read now, applied at start.
+        self.store = FileStore(state_directory(config.state.dir, config_path)) \
+            if config.state.backend == "file" else None
+        self._runtime: State = empty_state()
+        if self.store is not None and not ignore_state:
+            self._runtime = self.store.load()
+        self._config_routing = {m.name: self.canary.get(m.name) for m in config.models}
+        self.admin.after_command = self._after_command
+        self.admin.reset_state = self.reset_state
+        self.admin.extra_status = self._extra_status
 
     def _server_tls(self, listener: str, alpn: tuple[str, ...]) -> ServerTls | None:
         cfg = self.config.listener_tls(listener)
@@ -184,6 +197,95 @@ class App:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    # -- operator decisions kept across restarts (router/state.py) ------------------------
+
+    def _runtime_values(self) -> dict[str, Any]:
+        """What was decided at run time and is not in the config, as plain values."""
+        models: dict[str, Any] = {}
+        for m in self.config.models:
+            entries: dict[str, Any] = {}
+            routing = self.canary.get(m.name)
+            if routing != self._config_routing.get(m.name, {}):
+                entries["routing"] = routing
+            pinned = self.source.pinned(m.name)
+            if pinned is not None:
+                entries["pinned"] = list(pinned)
+            failed = {v: [[list(f) for f in fp] if fp is not None else None, reason]
+                      for v, (fp, reason) in self.source.failed_marks(m.name).items()}
+            if failed:
+                entries["failed"] = failed
+            if entries:
+                models[m.name] = entries
+        return {"models": models, "workers": {b.name: True for b in self.pool.backends if b.cordoned}}
+
+    def persist(self, by: str = "router") -> None:
+        """Write the runtime state if it changed (entries that did not keep who set them and when)."""
+        if self.store is None:
+            return
+        new = merge_state(self._runtime, self._runtime_values(), by, time.time())
+        if new != self._runtime:
+            try:
+                self.store.save(new)
+            except OSError as exc:
+                log.error("runtime state not saved to %s: %s", self.store.path, exc)
+                return
+            self._runtime = new
+
+    async def _persist_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)  # what the router itself changes: failed marks, canary steps
+            self.persist()
+
+    def _restore(self) -> None:
+        """Apply the runtime state read at start, over the config."""
+        names = {m.name for m in self.config.models}
+        for model, entries in self._runtime["models"].items():
+            if model not in names:
+                continue
+            if "routing" in entries:
+                try:
+                    self.canary.apply(model, entries["routing"].value, check_versions=False)
+                except ValueError as exc:
+                    log.error("model %s: the saved routing block is not used: %s", model, exc)
+            if "pinned" in entries:
+                self.source.pin(model, entries["pinned"].value)
+            for version, e in entries.get("failed", {}).items():
+                fp, reason = e.value
+                self.source.restore_failed(model, int(version),
+                                           tuple(tuple(f) for f in fp) if fp is not None else None, reason)
+            log.info("model %s: runtime state restored (%s)", model, ", ".join(sorted(entries)))
+        for b in self.pool.backends:
+            if b.name in self._runtime["workers"]:
+                b.cordoned = True
+                log.info("worker %s: drained by an operator before the restart; stays drained", b.name)
+
+    def reset_state(self, model: str) -> dict[str, Any]:
+        """``tfs-router state reset MODEL``: back to the config (routing, the policy, failed versions retried)."""
+        self.registry.model(model)
+        self.canary.apply(model, self._config_routing.get(model, {}), check_versions=False)
+        self.source.pin(model, None)
+        for version in list(self.source.failed(model)):
+            self.source.retry(model, version)
+        self.controller.wake()
+        return {"reset": model}
+
+    async def _after_command(self, actor: str) -> None:
+        self.persist(actor)
+        if self.hub is not None:
+            await self.hub.synced()
+
+    def _extra_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.hub.status() if self.hub is not None else {}
+        if self.store is not None:
+            out["state"] = {
+                "file": str(self.store.path),
+                "models": {m: {k: ({str(v): {"by": x.by, "at": x.at} for v, x in e.items()} if k == "failed"
+                                   else {"by": e.by, "at": e.at}) for k, e in entries.items()}
+                           for m, entries in self._runtime["models"].items()},
+                "workers": {n: {"by": e.by, "at": e.at} for n, e in self._runtime["workers"].items()},
+            }
+        return out
+
     def _state_changed(self) -> None:
         if self.hub is not None:
             self.hub.publish()
@@ -207,6 +309,7 @@ class App:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.source.poll)
+        self._restore()
         for m in self.config.models:
             if not self.source.on_disk(m.name):
                 log.warning("model %s: no version directories under %s yet", m.name, m.base_path)
@@ -243,6 +346,8 @@ class App:
         self._spawn(self.canary.run(), "canary-controller")
         self._spawn(self._poll_forever(self.config.poll_interval_s), "poll")
         self._spawn(self._health_loop(), "health")
+        if self.store is not None:
+            self._spawn(self._persist_forever(), "state")
         for tls in self._tls_watched:
             self._spawn(tls.watch(), f"tls-{tls.name}")
 
@@ -263,13 +368,6 @@ class App:
             self._own_socket_dir = True
         self.hub = Hub(self, self.processes, self._socket_dir, (self.grpc.port, self.rest.port))
         self.pool.remote_idle = self.hub.wait_idle
-        hub = self.hub
-
-        async def settle() -> None:
-            await hub.synced()
-
-        self.admin.settle = settle
-        self.admin.extra_status = hub.status
         await self.hub.start()
         log.info("data plane: %d processes on gRPC :%d and REST :%d", self.processes, self.grpc.port,
                  self.rest.port)

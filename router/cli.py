@@ -100,6 +100,18 @@ def render_status(status: dict[str, Any]) -> str:
                 w.get("pid") or "-", w["inflight"], _versions(w["versions"]), w.get("step") or "-"]
                for w in status["workers"]]
     out.append(table(["worker", "state", "in rotation", "pid", "in flight", "versions", "step"], workers))
+    kept = status.get("state") or {}
+    rows = [[m, key, e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
+            for m, entries in sorted(kept.get("models", {}).items()) for key, e in sorted(entries.items())
+            if "by" in e]
+    rows += [[m, f"failed {v}", e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
+             for m, entries in sorted(kept.get("models", {}).items())
+             for v, e in sorted(entries.get("failed", {}).items())]
+    rows += [[w, "drained", e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
+             for w, e in sorted(kept.get("workers", {}).items())]
+    if rows:  # what comes from the runtime state, not the config
+        out.append("")
+        out.append(table(["set at run time", "what", "by", "when"], rows))
     if status.get("dataplanes"):  # dataplane.processes > 1
         planes = [[d["index"], d["pid"] or "-", "yes" if d["ready"] else "no",
                    f"{d['revision']}/{d['revision_published']}" if d["revision"] is not None else "-",
@@ -221,6 +233,11 @@ def add_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=f"{name} a worker (out of / back into rotation)")
         p.add_argument("worker")
         admin_flags(p)
+    p = sub.add_parser("state", help="the runtime state kept across restarts (state.dir)")
+    p.add_argument("action", choices=("reset",), help="reset: drop a model's runtime decisions (routing set at "
+                                                      "run time, pins, failed marks): back to the config")
+    p.add_argument("model")
+    admin_flags(p)
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
@@ -248,6 +265,10 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
             result = client.call("POST", f"/v1/admin/models/{args.model}/{args.command}", body)
             weights = ", ".join(f"version {v}: {w}%" for v, w in result["weights"].items()) or "no split"
             print(f"{args.model}: {weights}", file=out)
+            return EXIT_OK
+        if args.command == "state":
+            client.call("POST", f"/v1/admin/models/{args.model}/state/reset")
+            print(f"{args.model}: back to the config (its runtime state dropped)", file=out)
             return EXIT_OK
         result = client.call("POST", f"/v1/admin/workers/{args.worker}/{args.command}")
         print(f"{result['worker']}: {result['state']}", file=out)

@@ -346,6 +346,14 @@ class DataplaneConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where operator decisions made at run time are kept across restarts (router/state.py)."""
+
+    backend: str = "file"  # file: a JSON file under dir; none: kept in memory only
+    dir: str = ""  # "": .tfs-router-state beside the config file (the working directory without one)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"  # text | json
@@ -364,6 +372,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     poll_interval_s: float = 1.0  # how often base paths are scanned for new versions
     shutdown_timeout_s: float = 10.0
@@ -562,6 +571,8 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_queued < 1:
         raise ConfigError("limits.max_queued: must be at least 1")
     _validate_tls(cfg)
+    if cfg.state.backend not in ("file", "none"):
+        raise ConfigError(f"state.backend: {cfg.state.backend!r} (use file or none; etcd is not implemented yet)")
     if not 0 <= cfg.dataplane.processes <= 64:
         raise ConfigError("dataplane.processes: 0 (one per CPU) to 64")
     if cfg.log.format not in ("text", "json"):

@@ -196,7 +196,9 @@ class RouterProcess(_ChildProcess):
         import yaml
 
         stamp = time.monotonic_ns()
-        config = {"grpc": {"port": 0}, "rest": {"port": 0}, "admin": {"port": 0}, **config}
+        # Every router its own runtime state (router/state.py), unless the test names one.
+        config = {"grpc": {"port": 0}, "rest": {"port": 0}, "admin": {"port": 0},
+                  "state": {"dir": str(log_dir / f"router-{stamp}.state")}, **config}
         self.config_path = log_dir / f"router-{stamp}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self._start([sys.executable, "-m", "router", "serve", "--config", str(self.config_path), *extra_args],
@@ -217,7 +219,9 @@ class RouterProcess(_ChildProcess):
         """A router started from a whole command line, e.g. ``tensorflow_model_server --port=0 ...``
         (pass free ports or 0, and an admin port that cannot clash: ``--admin_port=0``)."""
         router = cls.__new__(cls)
-        router._start(list(argv), log_dir / f"router-{time.monotonic_ns()}.log", env)
+        stamp = time.monotonic_ns()
+        env = {"TFS_ROUTER_STATE_DIR": str(log_dir / f"router-{stamp}.state"), **(env or {})}
+        router._start(list(argv), log_dir / f"router-{stamp}.log", env)
         router._follow()
         return router
 

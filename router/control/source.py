@@ -198,6 +198,16 @@ class VersionSource:
             if seen is not None and self._complete(*seen):
                 state.candidates = tuple(sorted({*state.candidates, version}))
 
+    def failed_marks(self, name: str) -> dict[int, tuple[Fingerprint | None, str]]:
+        """Failed versions with the fingerprint of the directory that failed (router/state.py keeps them)."""
+        return dict(self._state[name].failed)
+
+    def restore_failed(self, name: str, version: int, fingerprint: Fingerprint | None, reason: str) -> None:
+        """A failed mark from before a restart: left out until that directory changes."""
+        state = self._state[name]
+        state.failed[version] = (fingerprint, reason)
+        state.candidates = tuple(v for v in state.candidates if v != version)
+
     def failed(self, name: str) -> dict[int, str]:
         return {v: reason for v, (_, reason) in self._state[name].failed.items()}
 

@@ -12,6 +12,7 @@
     POST /v1/admin/models/{model}/canary           {"weight": N}: the canary's share of the split
     POST /v1/admin/models/{model}/promote          the canary gets all traffic and becomes the default
     POST /v1/admin/models/{model}/abort            the canary's weight goes to 0
+    POST /v1/admin/models/{model}/state/reset      drop what was set at run time: back to the config
 
 It listens on 127.0.0.1:8502 by default (``admin.host``, ``admin.port``).
 With ``TFS_ROUTER_ADMIN_TOKEN`` set, every request needs ``Authorization:
@@ -59,7 +60,7 @@ def admin_token() -> str:
     return os.environ.get(TOKEN_ENV, "")
 
 
-async def _nothing() -> None:
+async def _nothing(_: str) -> None:
     return None
 
 
@@ -124,8 +125,11 @@ class AdminFrontend:
         self.tls = tls
         self._token = token.encode()
         self._failures = _AuthFailures()
-        # After a command: wait until every data-plane process applied what it changed (router/procs.py).
-        self.settle: Callable[[], Awaitable[Any]] = _nothing
+        # After a command: keep what changed (router/state.py) and wait until every data-plane
+        # process applied it (router/procs.py); the argument says who ("admin ADDRESS").
+        self.after_command: Callable[[str], Awaitable[Any]] = _nothing
+        # POST /v1/admin/models/{model}/state/reset: the model back to its config.
+        self.reset_state: Callable[[str], dict[str, Any]] | None = None
         # Extra sections of GET /v1/admin/status (the data-plane processes).
         self.extra_status: Callable[[], dict[str, Any]] = dict
         self.runner: web.AppRunner | None = None
@@ -154,7 +158,8 @@ class AdminFrontend:
         try:
             response: web.StreamResponse = await handler(request)
             if request.method != "GET" and response.status < 300:
-                await self.settle()  # what changed reached every data-plane process
+                # kept across restarts, and applied by every data-plane process, before the answer
+                await self.after_command(f"admin {request.remote or 'unknown'}")
             return response
         except RolloutBusy as exc:
             return _error(str(exc), 409)
@@ -202,6 +207,11 @@ class AdminFrontend:
             m["routing"] = self.canary.status(m["name"])
         status.update(self.extra_status())
         return _json(status)
+
+    async def _reset_state(self, request: web.Request) -> web.Response:
+        if self.reset_state is None:
+            return _error("this router keeps no runtime state", 404)
+        return _json(self.reset_state(self._model(request)))
 
     async def _rollout(self, request: web.Request) -> web.Response:
         model = self._model(request)
@@ -265,6 +275,7 @@ class AdminFrontend:
         app.router.add_post("/v1/admin/models/{model}/canary", self._canary)
         app.router.add_post("/v1/admin/models/{model}/promote", self._promote)
         app.router.add_post("/v1/admin/models/{model}/abort", self._abort_canary)
+        app.router.add_post("/v1/admin/models/{model}/state/reset", self._reset_state)
         return app
 
     async def start(self) -> None:
