@@ -26,6 +26,12 @@ install: $(STAMP)
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus || \
 		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }; }; } || \
 		echo "note: could not install Debian's prometheus package; tests/deploy fail until promtool and prometheus are installed"
+	@# Also Debian's etcd-server (state.backend: etcd; tests/router/test_router_state.py starts its own member),
+	@# when missing and we are root with apt-get; never fails the build: without it those tests fail and say so.
+	@command -v etcd >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server || \
+		  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server; }; }; } || \
+		echo "note: could not install Debian's etcd-server; the etcd state tests fail until etcd is installed"
 	@# Also Debian's docker-compose (compose v1) for tests/deploy/test_compose_config.py: `docker-compose config -q`
 	@# validates docker-compose.yml offline, without an engine. --no-install-recommends, or apt brings docker.io along.
 	@command -v docker-compose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

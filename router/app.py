@@ -44,7 +44,8 @@ from router.frontends.http_server import RestFrontend
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
 from router.procs import Hub, reserve_port, resolve_count
-from router.state import FileStore, State, directory as state_directory, empty as empty_state, merge as merge_state
+from router.state import (EtcdStore, FileStore, State, StateConflict, StoreUnavailable, directory as state_directory,
+                          empty as empty_state, merge as merge_state)
 from router.tls import ClientTls, ServerTls
 from router.transport import Transport, transport_for
 from workers import supervisor as sup
@@ -138,11 +139,15 @@ class App:
         self._reserved: list[Any] = []
         self.registry.on_switch = self._state_changed
         # Operator decisions kept across restarts (router/state.py): read now, applied at start.
-        self.store = FileStore(state_directory(config.state.dir, config_path)) \
-            if config.state.backend == "file" else None
+        st = config.state
+        self.store: FileStore | EtcdStore | None = (
+            FileStore(state_directory(st.dir, config_path)) if st.backend == "file"
+            else EtcdStore(st.endpoints, st.prefix) if st.backend == "etcd" else None)
         self._runtime: State = empty_state()
-        if self.store is not None and not ignore_state:
+        self._ignore_state = ignore_state
+        if isinstance(self.store, FileStore) and not ignore_state:
             self._runtime = self.store.load()
+        self.metrics.track_control(self._state_families)
         self._config_routing = {m.name: self.canary.get(m.name) for m in config.models}
         self.admin.after_command = self._after_command
         self.admin.reset_state = self.reset_state
@@ -218,23 +223,70 @@ class App:
                 models[m.name] = entries
         return {"models": models, "workers": {b.name: True for b in self.pool.backends if b.cordoned}}
 
-    def persist(self, by: str = "router") -> None:
-        """Write the runtime state if it changed (entries that did not keep who set them and when)."""
+    async def persist(self, by: str = "router") -> None:
+        """Write the runtime state if it changed (entries that did not keep who set them and when).
+        With etcd: StateConflict when another replica changed an entry first, StoreUnavailable."""
         if self.store is None:
             return
         new = merge_state(self._runtime, self._runtime_values(), by, time.time())
-        if new != self._runtime:
+        if new == self._runtime:
+            return
+        if isinstance(self.store, EtcdStore):
+            await self.store.save(new)
+        else:
             try:
                 self.store.save(new)
             except OSError as exc:
                 log.error("runtime state not saved to %s: %s", self.store.path, exc)
                 return
-            self._runtime = new
+        self._runtime = new
 
     async def _persist_forever(self) -> None:
         while True:
             await asyncio.sleep(1.0)  # what the router itself changes: failed marks, canary steps
-            self.persist()
+            try:
+                await self.persist()
+            except StateConflict:
+                pass  # the watcher brings the other replica's change
+            except StoreUnavailable:
+                pass  # kept in memory; written once the store is back
+
+    def _apply_state(self, state: State) -> None:
+        """Make this router's runtime decisions what ``state`` says (another replica changed them, or a
+        write of ours was refused and is undone): over the config, entry by entry."""
+        for m in self.config.models:
+            entries = state["models"].get(m.name, {})
+            routing = entries["routing"].value if "routing" in entries else self._config_routing.get(m.name, {})
+            if routing != self.canary.get(m.name):
+                try:
+                    self.canary.apply(m.name, routing, check_versions=False)
+                except ValueError as exc:
+                    log.error("model %s: the stored routing block is not used: %s", m.name, exc)
+            pinned = tuple(entries["pinned"].value) if "pinned" in entries else None
+            if pinned != self.source.pinned(m.name):
+                self.source.pin(m.name, pinned)
+            failed = {int(v): e.value for v, e in entries.get("failed", {}).items()}
+            for version in set(self.source.failed(m.name)) - set(failed):
+                self.source.retry(m.name, version)
+            for version, (fp, reason) in failed.items():
+                if version not in self.source.failed(m.name):
+                    self.source.restore_failed(m.name, version,
+                                               tuple(tuple(f) for f in fp) if fp is not None else None, reason)
+        for b in self.pool.backends:
+            drained = b.name in state["workers"]
+            if drained != b.cordoned:
+                self.controller.drain(b.name, drained)
+        self._runtime = state
+        self._state_changed()
+        self.controller.wake()
+
+    def _state_families(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        stale = GaugeMetricFamily("tfs_router_state_stale", "1 while the state store (state.backend) cannot be "
+                                  "reached: the router serves on with the last state it had.")
+        stale.add_metric((), 1.0 if isinstance(self.store, EtcdStore) and self.store.stale else 0.0)
+        return [stale]
 
     def _restore(self) -> None:
         """Apply the runtime state read at start, over the config."""
@@ -270,7 +322,11 @@ class App:
         return {"reset": model}
 
     async def _after_command(self, actor: str) -> None:
-        self.persist(actor)
+        try:
+            await self.persist(actor)
+        except (StateConflict, StoreUnavailable):
+            self._apply_state(self._runtime)  # the command is undone here: it was not kept
+            raise
         if self.hub is not None:
             await self.hub.synced()
 
@@ -279,6 +335,7 @@ class App:
         if self.store is not None:
             out["state"] = {
                 "file": str(self.store.path),
+                "stale": isinstance(self.store, EtcdStore) and self.store.stale,
                 "models": {m: {k: ({str(v): {"by": x.by, "at": x.at} for v, x in e.items()} if k == "failed"
                                    else {"by": e.by, "at": e.at}) for k, e in entries.items()}
                            for m, entries in self._runtime["models"].items()},
@@ -309,6 +366,12 @@ class App:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.source.poll)
+        if isinstance(self.store, EtcdStore) and not self._ignore_state:
+            try:
+                self._runtime = await self.store.load()
+            except StoreUnavailable as exc:
+                log.warning("state store unreachable at start (%s): starting from the config; its state is "
+                            "applied once it answers", exc)
         self._restore()
         for m in self.config.models:
             if not self.source.on_disk(m.name):
@@ -348,6 +411,8 @@ class App:
         self._spawn(self._health_loop(), "health")
         if self.store is not None:
             self._spawn(self._persist_forever(), "state")
+        if isinstance(self.store, EtcdStore):
+            self._spawn(self.store.watch(self._apply_state), "state-watch")
         for tls in self._tls_watched:
             self._spawn(tls.watch(), f"tls-{tls.name}")
 

@@ -349,8 +349,10 @@ class DataplaneConfig:
 class StateConfig:
     """Where operator decisions made at run time are kept across restarts (router/state.py)."""
 
-    backend: str = "file"  # file: a JSON file under dir; none: kept in memory only
-    dir: str = ""  # "": .tfs-router-state beside the config file (the working directory without one)
+    backend: str = "file"  # file: a JSON file under dir; etcd: shared by every replica; none: memory only
+    dir: str = ""  # file: "" is .tfs-router-state beside the config file (the working directory without one)
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)  # etcd: HOST:PORT of a member
+    prefix: str = "/tfs-router/"  # etcd: the routers that share state share this prefix
 
 
 @dataclass(frozen=True)
@@ -571,8 +573,10 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_queued < 1:
         raise ConfigError("limits.max_queued: must be at least 1")
     _validate_tls(cfg)
-    if cfg.state.backend not in ("file", "none"):
-        raise ConfigError(f"state.backend: {cfg.state.backend!r} (use file or none; etcd is not implemented yet)")
+    if cfg.state.backend not in ("file", "etcd", "none"):
+        raise ConfigError(f"state.backend: {cfg.state.backend!r} (use file, etcd or none)")
+    if cfg.state.backend == "etcd" and (not cfg.state.endpoints or not cfg.state.prefix.startswith("/")):
+        raise ConfigError("state: etcd needs endpoints (HOST:PORT) and a prefix starting with /")
     if not 0 <= cfg.dataplane.processes <= 64:
         raise ConfigError("dataplane.processes: 0 (one per CPU) to 64")
     if cfg.log.format not in ("text", "json"):

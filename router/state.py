@@ -22,10 +22,12 @@ model's entries (the config's routing, the policy, failed versions retried).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,3 +152,169 @@ def directory(configured: str, config_path: str | None) -> Path:
         return Path(configured)
     base = Path(config_path).resolve().parent if config_path else Path.cwd()
     return base / ".tfs-router-state"
+
+
+# -- etcd: one state for every replica (state.backend: etcd) ------------------------------------------
+
+
+class StateConflict(Exception):
+    """Another replica changed the same entry since this one last saw it (HTTP 409)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached (HTTP 503); the router serves on with the last state it had."""
+
+
+def _key_docs(state: State) -> dict[str, Any]:
+    """The state as etcd keys (relative to the prefix): one per model, one for the workers' drains."""
+    docs: dict[str, Any] = {}
+    for model, entries in state["models"].items():
+        if entries:
+            docs[f"models/{model}"] = {k: ({str(v): x.document() for v, x in e.items()} if k == "failed"
+                                           else e.document()) for k, e in entries.items()}
+    if state["workers"]:
+        docs["workers"] = {name: e.document() for name, e in state["workers"].items()}
+    return docs
+
+
+def _from_key_docs(docs: dict[str, Any]) -> State:
+    state = empty()
+    for key, doc in docs.items():
+        if key == "workers":
+            state["workers"] = {name: _entry(e) for name, e in doc.items()}
+        elif key.startswith("models/"):
+            state["models"][key[len("models/"):]] = {
+                k: ({int(v): _entry(x) for v, x in e.items()} if k == "failed" else _entry(e)) for k, e in doc.items()}
+    return state
+
+
+class EtcdStore:
+    """The runtime state in etcd under ``prefix``, one key per model and one for drains.
+
+    Writes are transactions that compare each key's revision with the one
+    this replica last saw (``StateConflict`` when another replica got there
+    first); ``watch`` follows the prefix and hands every change made
+    elsewhere to ``on_change``.  While etcd cannot be reached, ``stale`` is
+    set, writes raise ``StoreUnavailable``, and the watcher retries, catching
+    up from the whole prefix when it is back.
+    """
+
+    def __init__(self, endpoints: tuple[str, ...], prefix: str) -> None:
+        host, _, port = endpoints[0].rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port or 2379)
+        self.prefix = prefix.rstrip("/") + "/"
+        self.path = f"etcd://{self.host}:{self.port}{self.prefix}"
+        self.revisions: dict[str, int] = {}  # key -> mod revision last seen (0: absent)
+        self.docs: dict[str, Any] = {}
+        self.stale = True
+        self._client: Any = None
+
+    async def _connected(self) -> Any:
+        import aetcd  # type: ignore[import-untyped]
+
+        if self._client is None:
+            client = aetcd.Client(self.host, self.port, timeout=2, connect_wait_timeout=2)
+            try:
+                await client.connect()
+            except Exception as exc:
+                raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {exc}") from None
+            self._client = client
+        return self._client
+
+    async def _reset(self) -> None:
+        client, self._client = self._client, None
+        self.stale = True
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:
+                pass
+
+    async def load(self) -> State:
+        """Every key under the prefix (revisions remembered)."""
+        try:
+            client = await self._connected()
+            found = await client.get_prefix(self.prefix.encode())
+        except StoreUnavailable:
+            await self._reset()
+            raise
+        except Exception as exc:
+            await self._reset()
+            raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {exc}") from None
+        docs, revisions = {}, {}
+        for kv in found:
+            key = kv.key.decode()[len(self.prefix):]
+            docs[key] = json.loads(kv.value)
+            revisions[key] = kv.mod_revision
+        self.docs, self.revisions, self.stale = docs, revisions, False
+        return _from_key_docs(docs)
+
+    async def save(self, state: State) -> None:
+        """Write the keys that changed, each only if nobody else changed it since this replica saw it."""
+        wanted = _key_docs(state)
+        changed = {k: v for k, v in wanted.items() if self.docs.get(k) != v}
+        removed = [k for k in self.docs if k not in wanted]
+        if not changed and not removed:
+            return
+        try:
+            client = await self._connected()
+            tx = client.transactions
+            compare = [tx.mod((self.prefix + k).encode()) == self.revisions.get(k, 0) for k in [*changed, *removed]]
+            success = [tx.put((self.prefix + k).encode(), json.dumps(v, sort_keys=True).encode())
+                       for k, v in changed.items()]
+            success += [tx.delete((self.prefix + k).encode()) for k in removed]
+            ok, response = await client.transaction(compare=compare, success=success, failure=[])
+        except StoreUnavailable:
+            await self._reset()
+            raise
+        except Exception as exc:
+            await self._reset()
+            raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {exc}") from None
+        if not ok:
+            raise StateConflict(f"changed by another router meanwhile ({', '.join(sorted([*changed, *removed]))}); "
+                                "read the status again and retry")
+        first = response[0]  # every op of one transaction carries its revision
+        revision = int(getattr(first, first.WhichOneof("response")).header.revision)
+        for k, v in changed.items():
+            self.docs[k], self.revisions[k] = v, revision
+        for k in removed:
+            self.docs.pop(k, None)
+            self.revisions.pop(k, None)
+
+    async def watch(self, on_change: Callable[[State], None]) -> None:
+        """Follow the prefix until cancelled: ``on_change`` gets the whole state after every change made
+        elsewhere (and after a reconnection)."""
+        backoff = 0.2
+        while True:
+            try:
+                before = dict(self.docs)
+                state = await self.load()
+                if self.docs != before:
+                    on_change(state)
+                client = await self._connected()
+                watch = await client.watch_prefix(self.prefix.encode(),
+                                                  start_revision=max(self.revisions.values(), default=0) + 1)
+                backoff = 0.2
+                async for event in watch:
+                    key = event.kv.key.decode()[len(self.prefix):]
+                    if self.revisions.get(key, 0) >= event.kv.mod_revision:
+                        continue  # this replica's own write, or older
+                    if str(event.kind).endswith("DELETE"):
+                        self.docs.pop(key, None)
+                        self.revisions.pop(key, None)
+                    else:
+                        self.docs[key] = json.loads(event.kv.value)
+                        self.revisions[key] = event.kv.mod_revision
+                    on_change(_from_key_docs(self.docs))
+                await self._reset()  # the stream ended: etcd went away
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self.stale:
+                    log.warning("state store %s unreachable (%s); serving on with the last state", self.path, exc)
+                await self._reset()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def close(self) -> None:
+        await self._reset()

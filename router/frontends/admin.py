@@ -44,6 +44,7 @@ from shared.errors import BindError
 from router.config import AdminConfig, ConfigError
 from router.control.canary import CanaryController
 from router.control.rollout import Controller, RolloutBusy
+from router.state import StateConflict, StoreUnavailable
 from router.tls import ServerTls
 from router.traffic import RoutingError
 
@@ -163,6 +164,11 @@ class AdminFrontend:
             return response
         except RolloutBusy as exc:
             return _error(str(exc), 409)
+        except StateConflict as exc:
+            return _error(f"not changed: {exc}", 409)
+        except StoreUnavailable as exc:
+            return _error(f"not changed: the state store is unreachable ({exc}); the router serves on with "
+                          "its last state", 503)
         except RoutingError as exc:
             return _error(f"routing not changed: {exc}", 400)
         except (ValueError, KeyError) as exc:

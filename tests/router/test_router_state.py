@@ -135,9 +135,155 @@ def test_an_unreadable_state_file_refuses_the_start_unless_ignored(model_root: P
     assert f"state file {state_dir / 'state.json'}" in done.stderr and "--ignore-state" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("backend", ["etcd", "memory"])
+@pytest.mark.parametrize("backend", ["memory", "zookeeper"])
 def test_unknown_backends_are_refused(backend: str) -> None:
     from router.config import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match="state.backend"):
         from_dict({"models": [{"name": "m", "base_path": "/m"}], "state": {"backend": backend}})
+
+
+# -- etcd: routers that share their runtime state ------------------------------------------------------
+
+
+class Etcd:
+    """A real etcd member (Debian's etcd-server) on free ports, its data in a temporary directory."""
+
+    def __init__(self, data_dir: Path, log_dir: Path) -> None:
+        import socket
+
+        binary = shutil.which("etcd")
+        if binary is None:
+            pytest.fail("etcd is not installed: `make install` installs Debian's etcd-server (as root), "
+                        "or apt-get install etcd-server")
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.port, self.peer_port = ports
+        self.data_dir, self.log = data_dir, open(log_dir / f"etcd-{time.monotonic_ns()}.log", "wb")
+        self.binary = binary
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--data-dir", str(self.data_dir), "--name", "t",
+             "--listen-client-urls", f"http://{self.endpoint}", "--advertise-client-urls", f"http://{self.endpoint}",
+             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+             "--initial-cluster", f"t=http://127.0.0.1:{self.peer_port}"],
+            stdout=self.log, stderr=self.log)
+        import socket
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("etcd did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path, logs_dir: Path) -> Any:
+    member = Etcd(tmp_path / "etcd", logs_dir)
+    yield member
+    member.stop()
+    member.log.close()
+
+
+def etcd_config(model_root: Path, etcd: Etcd) -> dict[str, Any]:
+    config = canary_config(model_root, Path("/unused"))
+    config["state"] = {"backend": "etcd", "endpoints": [etcd.endpoint], "prefix": "/t/"}
+    config["workers"] = {"count": 1}
+    return config
+
+
+def test_replicas_on_one_etcd_agree_and_keep_it_over_a_restart(model_root: Path, etcd: Etcd,
+                                                               logs_dir: Path) -> None:
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from tests.support import TEST_VOCAB, predict_request
+    from workers.demo_model import example_inputs
+
+    config = etcd_config(model_root, etcd)
+    routers = [RouterProcess(config, log_dir=logs_dir) for _ in range(2)]
+    try:
+        for r in routers:
+            r.wait_ready()
+            wait_for(lambda r=r: r.status()["models"][0]["available"] == [1, 2], "both versions")
+        before = weights(routers[0])
+        assert routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 50})[0] == 200
+        raised = weights(routers[0])
+        assert raised != before
+        start = time.monotonic()
+        wait_for(lambda: weights(routers[1]) == raised, "the other replica to apply it", timeout=10)
+        assert time.monotonic() - start < 2.0
+        # the same sticky key, the same version, whichever replica answers
+        request = predict_request("ctr", example_inputs(1, vocab=TEST_VOCAB))
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(r.channel) for r in routers]
+        for i in range(30):
+            answers = {s.Predict(request, metadata=(("x-user", f"u{i}"),), timeout=30).model_spec.version.value
+                       for s in stubs}
+            assert len(answers) == 1, (i, answers)
+        assert routers[1].status()["state"]["models"]["ctr"]["routing"]["by"].startswith("admin ")
+
+        # etcd down: requests go on, writes are refused (503); back: writes work, and reach the others
+        etcd.stop()
+        wait_for(lambda: routers[0].status()["state"]["stale"] or routers[0].admin(
+            "POST", "/v1/admin/models/ctr/canary", {"weight": 40})[0] == 503, "the store to be seen down")
+        code, body = routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 40})
+        assert code == 503 and "state store is unreachable" in body["error"], body
+        assert weights(routers[0]) == raised  # the refused command is undone here
+        for s in stubs:
+            s.Predict(request, timeout=30)
+        etcd.start()
+        wait_for(lambda: routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 20})[0] == 200,
+                 "writes to work again", timeout=30)
+        lowered = weights(routers[0])
+        wait_for(lambda: weights(routers[1]) == lowered, "the other replica to catch up", timeout=30)
+
+        # a replica restarted reads the shared state
+        assert routers[1].terminate() == 0
+        routers[1] = RouterProcess(config, log_dir=logs_dir)
+        routers[1].wait_ready()
+        wait_for(lambda: weights(routers[1]) == lowered, "the restarted replica to have it", timeout=30)
+    finally:
+        for r in routers:
+            r.terminate()
+
+
+def test_two_conflicting_writes_one_wins_the_other_is_refused(etcd: Etcd) -> None:
+    import asyncio
+
+    from router.state import EtcdStore, Entry, StateConflict, empty
+
+    async def run() -> None:
+        a, b = EtcdStore((etcd.endpoint,), "/c/"), EtcdStore((etcd.endpoint,), "/c/")
+        await a.load()
+        await b.load()  # both saw the same (empty) state
+        mine, theirs = empty(), empty()
+        mine["models"]["ctr"] = {"pinned": Entry([1], "admin a", 1.0)}
+        theirs["models"]["ctr"] = {"pinned": Entry([2], "admin b", 2.0)}
+        await a.save(mine)
+        with pytest.raises(StateConflict, match="changed by another router"):
+            await b.save(theirs)
+        assert (await b.load())["models"]["ctr"]["pinned"].value == [1]  # the first write stands
+        await b.save(theirs)  # having seen it, b may change it
+        assert (await a.load())["models"]["ctr"]["pinned"].value == [2]
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
