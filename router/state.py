@@ -39,6 +39,7 @@ log = logging.getLogger("router.state")
 STATE_FILE = "state.json"
 FORMAT = 1
 STATE_DIR_ENV = "TFS_ROUTER_STATE_DIR"  # overrides state.dir (tests give every router its own)
+WATCH_LAG_ENV = "TFS_ROUTER_TEST_WATCH_LAG"  # tests: seconds a replica waits before applying a watched change
 
 
 class StateError(ConfigError):
@@ -208,6 +209,7 @@ class EtcdStore:
         self.docs: dict[str, Any] = {}
         self.stale = True
         self._client: Any = None
+        self._lag = float(os.environ.get(WATCH_LAG_ENV, "0") or 0)
 
     async def _connected(self) -> Any:
         import aetcd  # type: ignore[import-untyped]
@@ -296,6 +298,8 @@ class EtcdStore:
                                                   start_revision=max(self.revisions.values(), default=0) + 1)
                 backoff = 0.2
                 async for event in watch:
+                    if self._lag:  # tests: a replica that sees other replicas' writes late
+                        await asyncio.sleep(self._lag)
                     key = event.kv.key.decode()[len(self.prefix):]
                     if self.revisions.get(key, 0) >= event.kv.mod_revision:
                         continue  # this replica's own write, or older

@@ -96,7 +96,9 @@ class InProcessRouter:
         self.thread.start()
 
         async def build() -> App:
-            return App(from_dict(config), registry=CollectorRegistry(), resolver=resolver)
+            # no runtime state file: this router lives in the test process (its working directory is the repo)
+            return App(from_dict({"state": {"backend": "none"}, **config}), registry=CollectorRegistry(),
+                       resolver=resolver)
 
         self.app = self.run(build())
         self.run(self.app.start())
@@ -115,6 +117,7 @@ class InProcessRouter:
         self.run(self.app.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+        self.loop.close()  # else its self-pipe sockets are found unclosed by a later test's garbage collection
 
 
 @pytest.mark.parametrize("control", ["active", "passive"])

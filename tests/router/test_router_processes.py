@@ -138,34 +138,36 @@ def test_canary_weight_applies_in_every_process_at_once(model_root: Path, logs_d
 
 def test_a_killed_dataplane_comes_back_and_others_see_nothing(model_root: Path, logs_dir: Path) -> None:
     router = start(model_root / "ctr", logs_dir, 2)
-    chans = channels(router, 6)
+    chans = channels(router, 8)
+    pids: list[int] = []
     try:
         before = dataplane_pids(router)
+        pids = list(before)
         loads = [SteadyLoad(c, predict_request("ctr", INPUTS)) for c in chans]
         for load in loads:
             load.__enter__()
         try:
-            loads[0].wait(0.5)
+            # both processes have clients (so some connections are on the one that survives)
+            wait_for(lambda: all(d["answered"] > 0 for d in router.status()["dataplanes"]), "traffic on both")
             os.kill(before[0], signal.SIGKILL)
             wait_for(lambda: dataplane_pids(router)[0] not in (None, before[0])
                      and all(d["ready"] for d in router.status()["dataplanes"]), "the data plane to come back")
-            counts = [len(load.records) for load in loads]
-            loads[0].wait(1.0)
+            pids = dataplane_pids(router)
+            # the killed process's clients reconnect (gRPC's reconnect backoff) and succeed again
+            wait_for(lambda: all(load.records and load.records[-1][3] == "OK" for load in loads),
+                     "every client to succeed again", timeout=60)
+            loads[0].wait(0.5)
         finally:
             for load in loads:
                 load.__exit__()
-        failed = [r for load in loads for r in load.records if r[3] != "OK"]
-        # only calls in flight on the killed process's connections (one per channel at most)
-        assert len(failed) <= len(chans), failed
-        assert all(code == "UNAVAILABLE" for *_, code in failed), failed
-        # every client goes on (those of the killed process reconnect), and succeeds
-        for load, n in zip(loads, counts):
-            assert load.records[n:] and all(code == "OK" for *_, code in load.records[n:])
+        hit = [load for load in loads if load.failures]
+        assert len(hit) < len(loads), "every connection was on the killed process"
+        # the others saw nothing; the killed one's clients only UNAVAILABLE (their connection was reset)
+        assert all(code in ("OK", "UNAVAILABLE") for load in hit for *_, code in load.records)
         assert router.status()["dataplane_restarts"] == 1
     finally:
         for c in chans:
             c.close()
-        pids = dataplane_pids(router)
         assert router.terminate() == 0, router.log()
         for pid in pids:  # SIGTERM took every data plane down
             if pid is not None:

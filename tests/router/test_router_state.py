@@ -219,7 +219,7 @@ def test_replicas_on_one_etcd_agree_and_keep_it_over_a_restart(model_root: Path,
     from workers.demo_model import example_inputs
 
     config = etcd_config(model_root, etcd)
-    routers = [RouterProcess(config, log_dir=logs_dir) for _ in range(2)]
+    routers = [RouterProcess(config, log_dir=logs_dir) for _ in range(3)]
     try:
         for r in routers:
             r.wait_ready()
@@ -229,7 +229,8 @@ def test_replicas_on_one_etcd_agree_and_keep_it_over_a_restart(model_root: Path,
         raised = weights(routers[0])
         assert raised != before
         start = time.monotonic()
-        wait_for(lambda: weights(routers[1]) == raised, "the other replica to apply it", timeout=10)
+        wait_for(lambda: all(weights(r) == raised for r in routers[1:]), "the other replicas to apply it",
+                 timeout=10)
         assert time.monotonic() - start < 2.0
         # the same sticky key, the same version, whichever replica answers
         request = predict_request("ctr", example_inputs(1, vocab=TEST_VOCAB))
@@ -240,20 +241,30 @@ def test_replicas_on_one_etcd_agree_and_keep_it_over_a_restart(model_root: Path,
             assert len(answers) == 1, (i, answers)
         assert routers[1].status()["state"]["models"]["ctr"]["routing"]["by"].startswith("admin ")
 
-        # etcd down: requests go on, writes are refused (503); back: writes work, and reach the others
-        etcd.stop()
-        wait_for(lambda: routers[0].status()["state"]["stale"] or routers[0].admin(
-            "POST", "/v1/admin/models/ctr/canary", {"weight": 40})[0] == 503, "the store to be seen down")
-        code, body = routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 40})
-        assert code == 503 and "state store is unreachable" in body["error"], body
-        assert weights(routers[0]) == raised  # the refused command is undone here
-        for s in stubs:
-            s.Predict(request, timeout=30)
-        etcd.start()
-        wait_for(lambda: routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 20})[0] == 200,
-                 "writes to work again", timeout=30)
-        lowered = weights(routers[0])
-        wait_for(lambda: weights(routers[1]) == lowered, "the other replica to catch up", timeout=30)
+        # etcd down under load: no request fails, writes are refused (503); back: writes work, and reach
+        # the others
+        from tests.support import SteadyLoad
+
+        loads = [SteadyLoad(r.channel, request) for r in routers]
+        for load in loads:
+            load.__enter__()
+        try:
+            etcd.stop()
+            wait_for(lambda: routers[0].status()["state"]["stale"] or routers[0].admin(
+                "POST", "/v1/admin/models/ctr/canary", {"weight": 40})[0] == 503, "the store to be seen down")
+            code, body = routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 40})
+            assert code == 503 and "state store is unreachable" in body["error"], body
+            assert weights(routers[0]) == raised  # the refused command is undone here
+            etcd.start()
+            wait_for(lambda: routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 20})[0] == 200,
+                     "writes to work again", timeout=30)
+            lowered = weights(routers[0])
+            wait_for(lambda: all(weights(r) == lowered for r in routers[1:]), "the others to catch up", timeout=30)
+        finally:
+            for load in loads:
+                load.__exit__()
+        assert all(load.served for load in loads)
+        assert not [f for load in loads for f in load.failures], [f for load in loads for f in load.failures][:5]
 
         # a replica restarted reads the shared state
         assert routers[1].terminate() == 0
@@ -287,3 +298,24 @@ def test_two_conflicting_writes_one_wins_the_other_is_refused(etcd: Etcd) -> Non
         await b.close()
 
     asyncio.run(run())
+
+
+def test_a_write_through_a_replica_that_had_not_seen_the_last_one_gets_409(model_root: Path, etcd: Etcd,
+                                                                          logs_dir: Path) -> None:
+    config = etcd_config(model_root, etcd)
+    fast = RouterProcess(config, log_dir=logs_dir)
+    # the second replica applies other replicas' writes 3 s late: its view is behind for that long
+    slow = RouterProcess(config, log_dir=logs_dir, env={"TFS_ROUTER_TEST_WATCH_LAG": "3"})
+    try:
+        for r in (fast, slow):
+            r.wait_ready()
+            wait_for(lambda r=r: r.status()["models"][0]["available"] == [1, 2], "both versions")
+        assert fast.admin("POST", "/v1/admin/models/ctr/canary", {"weight": 40})[0] == 200
+        code, body = slow.admin("POST", "/v1/admin/models/ctr/canary", {"weight": 70})
+        assert code == 409 and "changed by another router" in body["error"], (code, body)
+        forty = weights(fast)
+        wait_for(lambda: weights(slow) == forty, "the slow replica to see the write that won", timeout=15)
+        assert slow.admin("POST", "/v1/admin/models/ctr/canary", {"weight": 70})[0] == 200  # now it may
+    finally:
+        for r in (fast, slow):
+            r.terminate()

@@ -419,10 +419,17 @@ def test_spawned_workers_sockets_are_private(base_config: dict[str, Any], tmp_pa
     from router.app import App
     from router.config import from_dict
 
+    import asyncio
+
     shared = tmp_path / "sockets"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
-    App(from_dict({**base_config, "workers": {"count": 1, "socket_dir": str(shared)}}))
+
+    async def build() -> None:  # on a loop of its own, closed after (grpc.aio's parts take the running one)
+        App(from_dict({**base_config, "workers": {"count": 1, "socket_dir": str(shared)},
+                       "state": {"backend": "none"}}))
+
+    asyncio.run(build())
     assert shared.stat().st_mode & 0o777 == 0o700
 
 
