@@ -212,6 +212,11 @@ class App:
             routing = self.canary.get(m.name)
             if routing != self._config_routing.get(m.name, {}):
                 entries["routing"] = routing
+            # Where a progression is: the one router's own (file). With etcd each replica judges its own
+            # traffic (no leader yet), so none writes its progress over the others'.
+            progressive = self.canary.resumable(m.name) if isinstance(self.store, FileStore) else None
+            if progressive is not None:
+                entries["progressive"] = progressive
             pinned = self.source.pinned(m.name)
             if pinned is not None:
                 entries["pinned"] = list(pinned)
@@ -299,6 +304,8 @@ class App:
                     self.canary.apply(model, entries["routing"].value, check_versions=False)
                 except ValueError as exc:
                     log.error("model %s: the saved routing block is not used: %s", model, exc)
+            if "progressive" in entries:
+                self.canary.resume(model, entries["progressive"].value)
             if "pinned" in entries:
                 self.source.pin(model, entries["pinned"].value)
             for version, e in entries.get("failed", {}).items():

@@ -63,6 +63,7 @@ class Progress:
     step: int = 0
     state: str = RUNNING
     step_started: float = 0.0  # monotonic
+    step_started_at: float = 0.0  # unix time, the same moment (kept across restarts: router/state.py)
     reason: str = ""
     baseline: Window | None = None
     verdicts: list[dict[str, Any]] = field(default_factory=list)
@@ -246,6 +247,31 @@ class CanaryController:
         self.progress[model] = progress
         self._enter_step(model, progress, 0)
 
+    def resumable(self, model: str) -> dict[str, Any] | None:
+        """Where a running progression is (router/state.py keeps it): step, when it started, the last verdict."""
+        progress = self.progress.get(model)
+        if progress is None or progress.state != RUNNING:
+            return None
+        return {"step": progress.step, "step_started_at": progress.step_started_at, "started": progress.started,
+                "verdicts": list(progress.verdicts)}
+
+    def resume(self, model: str, where: dict[str, Any]) -> None:
+        """Continue a progression kept from before a restart at the step it was at, the time it had
+        spent in that step counted (the routing block, with its progressive steps, applied first)."""
+        progress = self.progress.get(model)
+        step = int(where.get("step", 0))
+        if progress is None or progress.state != RUNNING or not 0 <= step < len(progress.steps):
+            return
+        progress.started = float(where.get("started", progress.started))
+        progress.verdicts = list(where.get("verdicts", []))[-MAX_VERDICTS:]
+        if step != progress.step:
+            self._enter_step(model, progress, step)
+        at = float(where.get("step_started_at", self._wall()))
+        progress.step_started_at = at
+        progress.step_started = self._clock() - max(0.0, self._wall() - at)
+        log.info("model %s: progression resumed at step %d of %d (%d%%)", model, step + 1, len(progress.steps),
+                 progress.weight)
+
     def _stop(self, model: str) -> None:
         progress = self.progress.get(model)
         if progress is not None and progress.state == RUNNING:
@@ -254,6 +280,7 @@ class CanaryController:
     def _enter_step(self, model: str, progress: Progress, step: int) -> None:
         progress.step = step
         progress.step_started = self._clock()
+        progress.step_started_at = self._wall()
         doc = self._with_weight(model, progress.stable, progress.canary, progress.weight)
         self.apply(model, doc, keep_progress=True)
         self.stats.take(model)  # each window covers one step
@@ -287,6 +314,7 @@ class CanaryController:
                 self.promote(model, f"every step healthy ({result.reason})")
         else:
             progress.step_started = self._clock()  # hold: judge the same step again after another interval
+            progress.step_started_at = self._wall()
         return result.action if result.action != HOLD else HOLD
 
     async def run(self) -> None:

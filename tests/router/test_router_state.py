@@ -319,3 +319,44 @@ def test_a_write_through_a_replica_that_had_not_seen_the_last_one_gets_409(model
     finally:
         for r in (fast, slow):
             r.terminate()
+
+
+def test_a_progression_resumes_at_its_step_after_a_restart(model_root: Path, tmp_path: Path,
+                                                           logs_dir: Path) -> None:
+    from tests.support import TEST_VOCAB, SteadyLoad, predict_request
+    from workers.demo_model import example_inputs
+
+    state_dir = tmp_path / "state"
+    config = canary_config(model_root, state_dir)
+    config["models"][0]["routing"] = {
+        "split": {"stable": 100, "canary": 0}, "sticky_header": "x-user",
+        "progressive": {"steps": [10, 40, 70, 100], "interval_s": 1.0, "min_requests": 5, "max_p99_ratio": 10.0}}
+
+    def progress(r: RouterProcess) -> dict[str, Any]:
+        result: dict[str, Any] = r.status()["models"][0]["routing"]["progressive"] or {}
+        return result
+
+    router = RouterProcess(config, log_dir=logs_dir)
+    try:
+        router.wait_ready()
+        wait_for(lambda: router.status()["models"][0]["available"] == [1, 2], "both versions")
+        with SteadyLoad(router.channel, predict_request("ctr", example_inputs(1, vocab=TEST_VOCAB)),
+                        clients=4):
+            wait_for(lambda: progress(router).get("step", 0) >= 1, "the progression to advance", timeout=60)
+        time.sleep(1.5)  # no traffic: the step holds (too few requests to judge); its place is written
+        at = progress(router)
+        assert at["state"] == "running", at
+    finally:
+        assert router.terminate() == 0, router.log()
+    saved = json.loads((state_dir / "state.json").read_text())["models"]["ctr"]["progressive"]["value"]
+    assert saved["step"] == at["step"] >= 1, (saved, at)
+
+    router = RouterProcess(config, log_dir=logs_dir)
+    try:
+        router.wait_ready()
+        resumed = progress(router)
+        assert resumed["state"] == "running" and resumed["step"] == saved["step"], resumed  # not step 0 again
+        assert resumed["weight"] == [10, 40, 70, 100][saved["step"]]
+        assert "progression resumed at step" in router.log()
+    finally:
+        assert router.terminate() == 0, router.log()
