@@ -701,6 +701,10 @@ class App:
         await asyncio.gather(self.grpc.stop(max(0.0, end - loop.time())), self.rest.stop(),
                              return_exceptions=True)
         self.canary.stop()
+        try:  # what changed since the last periodic write (a canary step in the last second) is kept too
+            await self.persist()
+        except (StateConflict, StoreUnavailable) as exc:
+            log.warning("runtime state not written at shutdown: %s", exc)
         await self.controller.stop()
         await self.admin.stop()
         await self.batcher.close()

@@ -266,7 +266,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._dirty = asyncio.Event()
-        self._published = asyncio.Condition()
+        self._publish_lock = asyncio.Lock()
         self._stopping = False
         self.restarts = 0
         self._expositions: dict[int, asyncio.Future[bytes]] = {}
@@ -458,6 +458,11 @@ class Hub:
                 log.exception("publishing the data planes' state failed")
 
     async def _publish_now(self) -> None:
+        # One publication at a time (the publisher's and a drain's): a switch's two steps never interleave.
+        async with self._publish_lock:
+            await self._publish_locked()
+
+    async def _publish_locked(self) -> None:
         from router.config import asdict_lists
 
         config = asdict_lists(self.app.config)
@@ -480,8 +485,6 @@ class Hub:
         self.revision += 1
         self._sent_state = state
         await self._broadcast({"kind": "state", "rev": self.revision, "state": state, "release": moved})
-        async with self._published:
-            self._published.notify_all()
 
     async def _broadcast(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message) + b"\n"

