@@ -40,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from loadtest.bench_rollout import machine_busy_s
 from loadtest.bench_router import MODEL_NAME, WARMUP_S, grpc_answer, grpc_phase, median, print_errors
 from loadtest.bench_worker import predict_requests
 from loadtest.common import (
@@ -58,14 +59,6 @@ from loadtest.common import (
 
 TARGETS = {"rest_rate": 1.4, "grpc_rate": 1.3, "c1_p50_added_ms": 0.05}
 CHANNELS = 8
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all CPUs spent busy since boot (``/proc/stat``)."""
-    with open("/proc/stat", encoding="ascii") as f:
-        fields = f.readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class Step:

@@ -41,6 +41,7 @@ from router.discovery import Discovery, Resolver, parse as parse_dns, system_res
 from router.frontends.admin import AdminFrontend, admin_token
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
+from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
 from router.procs import Hub, reserve_port, resolve_count
@@ -53,8 +54,6 @@ from workers import supervisor as sup
 log = logging.getLogger("router.app")
 
 HEALTH_FAILURES_BEFORE_DEAD = 3
-# After a drain that answered requests, how long connections stay open for clients to read them.
-SHUTDOWN_LINGER_S = 0.5
 
 
 class App:
@@ -682,24 +681,7 @@ class App:
         self.rest.accepting = False
         if self.hub is not None:  # each data plane drains its own calls
             await self.hub.stop(grace)
-        try:
-            await self.grpc.set_serving(False)
-        except Exception:  # health state is best effort during shutdown
-            pass
-        # Drain before the gRPC server stops: its stop closes every connection as soon as the
-        # last call returns, and a connection closed under a client still reading a large
-        # answer is reset (the client loses the answer's tail). So new calls are refused, the
-        # calls in flight finish, and their answers get time to be read before the server stops.
-        self.grpc.draining = True
-        loop = asyncio.get_running_loop()
-        end = loop.time() + grace
-        busy = self.grpc.active + self.rest.active
-        while (self.grpc.active or self.rest.active) and loop.time() < end:
-            await asyncio.sleep(0.01)
-        if busy:
-            await asyncio.sleep(min(SHUTDOWN_LINGER_S, max(0.0, end - loop.time())))
-        await asyncio.gather(self.grpc.stop(max(0.0, end - loop.time())), self.rest.stop(),
-                             return_exceptions=True)
+        await drain_and_stop(self.grpc, self.rest, grace)
         self.canary.stop()
         try:  # what changed since the last periodic write (a canary step in the last second) is kept too
             await self.persist()
@@ -711,10 +693,7 @@ class App:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for b in self.pool.backends:
-            if b.transport is not None:
-                await b.transport.close()
-                b.transport = None
+        await self.pool.close_transports()
         if self.supervisor is not None:
             await self.supervisor.stop(timeout=grace)
         for sock in self._reserved:

@@ -101,14 +101,13 @@ def render_status(status: dict[str, Any]) -> str:
                for w in status["workers"]]
     out.append(table(["worker", "state", "in rotation", "pid", "in flight", "versions", "step"], workers))
     kept = status.get("state") or {}
-    rows = [[m, key, e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
-            for m, entries in sorted(kept.get("models", {}).items()) for key, e in sorted(entries.items())
-            if "by" in e]
-    rows += [[m, f"failed {v}", e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
-             for m, entries in sorted(kept.get("models", {}).items())
-             for v, e in sorted(entries.get("failed", {}).items())]
-    rows += [[w, "drained", e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
-             for w, e in sorted(kept.get("workers", {}).items())]
+    entries = [(m, key, e) for m, model in sorted(kept.get("models", {}).items())
+               for key, e in sorted(model.items()) if key != "failed"]
+    entries += [(m, f"failed {v}", e) for m, model in sorted(kept.get("models", {}).items())
+                for v, e in sorted(model.get("failed", {}).items())]
+    entries += [(w, "drained", e) for w, e in sorted(kept.get("workers", {}).items())]
+    rows = [[who, what, e["by"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))]
+            for who, what, e in entries]
     if rows:  # what comes from the runtime state, not the config
         out.append("")
         out.append(table(["set at run time", "what", "by", "when"], rows))

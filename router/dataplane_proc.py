@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from router.dataplane import DataPlane
 from router.dispatch import Dispatcher
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
+from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import Backend, Pool
 from router.procs import REPORT_S, _receive, _send, apply_snapshot
@@ -45,7 +45,6 @@ log = logging.getLogger("router.dataplane")
 # Tests of the switch's two steps slow one process down: "INDEX:SECONDS" delays every revision it applies.
 APPLY_DELAY_ENV = "TFS_ROUTER_TEST_APPLY_DELAY"
 HOLD_MAX_S = 2.0  # a hold the control plane never released (it died mid-switch) ends by itself
-SHUTDOWN_LINGER_S = 0.5
 
 
 class DataPlaneProcess:
@@ -276,29 +275,12 @@ class DataPlaneProcess:
             stop.set()
 
     async def stop(self) -> None:
-        grace = self.config.shutdown_timeout_s
-        self.rest.accepting = False
-        with contextlib.suppress(Exception):
-            await self.grpc.set_serving(False)
-        self.grpc.draining = True
-        loop = asyncio.get_running_loop()
-        end = loop.time() + grace
-        busy = self.grpc.active + self.rest.active
-        while (self.grpc.active or self.rest.active) and loop.time() < end:
-            await asyncio.sleep(0.01)
-        if busy:
-            await asyncio.sleep(min(SHUTDOWN_LINGER_S, max(0.0, end - loop.time())))
-        self._report()
-        await asyncio.gather(self.grpc.stop(max(0.0, end - loop.time())), self.rest.stop(), return_exceptions=True)
+        await drain_and_stop(self.grpc, self.rest, self.config.shutdown_timeout_s, before_stop=self._report)
         await self.batcher.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for b in self.pool.backends:
-            if b.transport is not None:
-                await b.transport.close()
-                b.transport = None
-
+        await self.pool.close_transports()
 
 def _line(message: dict[str, Any]) -> bytes:
     import orjson

@@ -161,6 +161,13 @@ class Pool:
         self.backends.remove(backend)
         self.set_state(backend, DEAD)
 
+    async def close_transports(self) -> None:
+        """Close every worker's transport (at shutdown)."""
+        for b in self.backends:
+            if b.transport is not None:
+                await b.transport.close()
+                b.transport = None
+
     def set_state(self, backend: Backend, state: str) -> None:
         """The one way a worker's state changes, and what follows from it: a worker in
         rotation afterwards takes the waiters it can serve at once; when one leaves it,

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,14 +83,7 @@ class FileStore:
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError(f"not a tfs-router state file of format {FORMAT}")
             state = empty()
-            for model, entries in data["models"].items():
-                out: dict[str, Any] = {}
-                for key, e in entries.items():
-                    if key == "failed":
-                        out[key] = {int(v): _entry(x) for v, x in e.items()}
-                    else:
-                        out[key] = _entry(e)
-                state["models"][model] = out
+            state["models"] = {model: _entries_from(entries) for model, entries in data["models"].items()}
             state["workers"] = {name: _entry(e) for name, e in data["workers"].items()}
             return state
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -99,8 +92,7 @@ class FileStore:
 
     def save(self, state: State) -> None:
         doc = {"format": FORMAT, "saved_at": time.time(),
-               "models": {m: {k: ({str(v): x.document() for v, x in e.items()} if k == "failed" else e.document())
-                              for k, e in entries.items()} for m, entries in state["models"].items() if entries},
+               "models": {m: _entries_doc(entries) for m, entries in state["models"].items() if entries},
                "workers": {name: e.document() for name, e in state["workers"].items()}}
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_name(STATE_FILE + ".tmp")
@@ -114,6 +106,16 @@ class FileStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _entries_doc(entries: dict[str, Any]) -> dict[str, Any]:
+    """A model's entries as JSON data (failed marks keyed by version)."""
+    return {k: ({str(v): x.document() for v, x in e.items()} if k == "failed" else e.document())
+            for k, e in entries.items()}
+
+
+def _entries_from(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: ({int(v): _entry(x) for v, x in e.items()} if k == "failed" else _entry(e)) for k, e in doc.items()}
 
 
 def _entry(raw: Any) -> Entry:
@@ -171,8 +173,7 @@ def _key_docs(state: State) -> dict[str, Any]:
     docs: dict[str, Any] = {}
     for model, entries in state["models"].items():
         if entries:
-            docs[f"models/{model}"] = {k: ({str(v): x.document() for v, x in e.items()} if k == "failed"
-                                           else e.document()) for k, e in entries.items()}
+            docs[f"models/{model}"] = _entries_doc(entries)
     if state["workers"]:
         docs["workers"] = {name: e.document() for name, e in state["workers"].items()}
     return docs
@@ -184,8 +185,7 @@ def _from_key_docs(docs: dict[str, Any]) -> State:
         if key == "workers":
             state["workers"] = {name: _entry(e) for name, e in doc.items()}
         elif key.startswith("models/"):
-            state["models"][key[len("models/"):]] = {
-                k: ({int(v): _entry(x) for v, x in e.items()} if k == "failed" else _entry(e)) for k, e in doc.items()}
+            state["models"][key[len("models/"):]] = _entries_from(doc)
     return state
 
 
@@ -232,17 +232,20 @@ class EtcdStore:
             except Exception:
                 pass
 
-    async def load(self) -> State:
-        """Every key under the prefix (revisions remembered)."""
+    async def _call(self, op: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``op(client)``; any failure to reach etcd is StoreUnavailable (and the next call reconnects)."""
         try:
-            client = await self._connected()
-            found = await client.get_prefix(self.prefix.encode())
+            return await op(await self._connected())
         except StoreUnavailable:
             await self._reset()
             raise
         except Exception as exc:
             await self._reset()
             raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {exc}") from None
+
+    async def load(self) -> State:
+        """Every key under the prefix (revisions remembered)."""
+        found = await self._call(lambda client: client.get_prefix(self.prefix.encode()))
         docs, revisions = {}, {}
         for kv in found:
             key = kv.key.decode()[len(self.prefix):]
@@ -258,20 +261,15 @@ class EtcdStore:
         removed = [k for k in self.docs if k not in wanted]
         if not changed and not removed:
             return
-        try:
-            client = await self._connected()
+        def transaction(client: Any) -> Any:
             tx = client.transactions
             compare = [tx.mod((self.prefix + k).encode()) == self.revisions.get(k, 0) for k in [*changed, *removed]]
             success = [tx.put((self.prefix + k).encode(), json.dumps(v, sort_keys=True).encode())
                        for k, v in changed.items()]
             success += [tx.delete((self.prefix + k).encode()) for k in removed]
-            ok, response = await client.transaction(compare=compare, success=success, failure=[])
-        except StoreUnavailable:
-            await self._reset()
-            raise
-        except Exception as exc:
-            await self._reset()
-            raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {exc}") from None
+            return client.transaction(compare=compare, success=success, failure=[])
+
+        ok, response = await self._call(transaction)
         if not ok:
             raise StateConflict(f"changed by another router meanwhile ({', '.join(sorted([*changed, *removed]))}); "
                                 "read the status again and retry")

@@ -22,6 +22,7 @@ gives each worker's transport a new channel for its next calls.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import logging
@@ -152,8 +153,9 @@ def _identity(paths: Sequence[str]) -> FileIdentity:
     return tuple(out)
 
 
-class _Watched:
-    """Files re-read when they change; the last good reading kept when a new one fails."""
+class _Watched(abc.ABC):
+    """Files re-read when they change; the last good reading kept when a new one fails.
+    Subclasses say what a reading is (``_load``)."""
 
     def __init__(self, name: str, paths: Sequence[str], reload_s: float,
                  on_reload_failed: Callable[[str], None] | None) -> None:
@@ -164,9 +166,9 @@ class _Watched:
         self._on_failed = on_reload_failed
         self.generation = 0
 
+    @abc.abstractmethod
     def _load(self) -> bool:
         """Read the files again; True when what they hold changed (raises TlsError)."""
-        raise NotImplementedError
 
     def check(self) -> bool:
         """Re-read the files if they changed since the last look; True when a new reading took effect."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,16 @@ class RouterProcess(_ChildProcess):
 
     def terminate(self, timeout: float = 60.0) -> int:
         return super().terminate(timeout)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 120.0) -> None:
+    """Poll ``check`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class SteadyLoad:

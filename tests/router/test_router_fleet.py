@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,20 +17,12 @@ from prometheus_client import CollectorRegistry
 from router.app import App
 from router.config import from_dict
 from router.pool import READY
-from tests.support import TEST_VOCAB, RouterProcess, SteadyLoad, WorkerProcess, copy_in, predict_request
+from tests.support import TEST_VOCAB, RouterProcess, SteadyLoad, WorkerProcess, copy_in, predict_request, wait_for
 from workers.demo_model import example_inputs
 
 INPUTS = example_inputs(2, vocab=TEST_VOCAB)
 T = TypeVar("T")
 
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_passive_router_follows_workers_that_load_versions_themselves(model_root: Path, tmp_path: Path,

@@ -14,16 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import ROOT, RouterProcess, child_env, copy_in
+from tests.support import ROOT, RouterProcess, child_env, copy_in, wait_for
 
-
-def wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def canary_config(model_root: Path, state_dir: Path) -> dict[str, Any]:
