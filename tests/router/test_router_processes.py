@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import grpc
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.support import TEST_VOCAB, RouterProcess, SteadyLoad, copy_in, predict_request
+from tests.support import TEST_VOCAB, RouterProcess, SteadyLoad, copy_in, predict_request, wait_for
 from workers.demo_model import example_inputs
 
 INPUTS = example_inputs(1, vocab=TEST_VOCAB)
@@ -29,14 +28,6 @@ def channels(router: RouterProcess, n: int) -> list[grpc.Channel]:
     return [grpc.insecure_channel(f"127.0.0.1:{router.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(n)]
 
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start(base: Path, logs_dir: Path, processes: int, env: dict[str, str] | None = None,
@@ -64,7 +55,7 @@ def test_rollout_across_processes_keeps_the_switch_and_fails_nothing(processes: 
     # unversioned requests everywhere, then switch) its clients would get version 1 after others got 2
     env = {"TFS_ROUTER_TEST_APPLY_DELAY": "1:0.3"} if lagging else None
     router = start(base, logs_dir, processes, env=env)
-    chans = channels(router, 3 * processes)
+    chans = channels(router, 6 * processes)
     try:
         loads = [SteadyLoad(c, predict_request("ctr", INPUTS)) for c in chans]
         # explicit versions, over connections of their own
@@ -100,7 +91,9 @@ def test_rollout_across_processes_keeps_the_switch_and_fails_nothing(processes: 
         late_old = [r for r in records if r[0] > switch and r[2] != 2]
         assert late_old == [], late_old[:5]
         status = router.status()
-        assert all(d["answered"] > 0 for d in status["dataplanes"]), status["dataplanes"]  # all took traffic
+        # several processes took traffic (the kernel picks one per connection: with 6 per process, all on
+        # one is a few in ten thousand; every one of 3 is not guaranteed)
+        assert sum(d["answered"] > 0 for d in status["dataplanes"]) >= 2, status["dataplanes"]
         # the drain waited for every process: no client call reached a worker while it converted
         stats = router.worker_stats()
         assert not [(n, op) for n, s in stats.items() for op in s["operations"] if op["client_requests"]]
@@ -141,7 +134,7 @@ def test_canary_weight_applies_in_every_process_at_once(model_root: Path, logs_d
 
 def test_a_killed_dataplane_comes_back_and_others_see_nothing(model_root: Path, logs_dir: Path) -> None:
     router = start(model_root / "ctr", logs_dir, 2)
-    chans = channels(router, 8)
+    chans = channels(router, 16)
     pids: list[int] = []
     try:
         before = dataplane_pids(router)
@@ -180,7 +173,7 @@ def test_a_killed_dataplane_comes_back_and_others_see_nothing(model_root: Path, 
 
 def test_metrics_totals_equal_the_requests_sent(model_root: Path, logs_dir: Path) -> None:
     router = start(model_root / "ctr", logs_dir, 2)
-    chans = channels(router, 6)
+    chans = channels(router, 12)
     try:
         request = predict_request("ctr", INPUTS)
         stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
@@ -218,7 +211,7 @@ def test_a_tenants_quota_holds_over_all_processes(model_root: Path, slow_model: 
     router = start(base, logs_dir, 2, workers={"count": 1, "predict_threads": 16, "max_inflight": 16},
                    models=[{"name": "ctr", "base_path": str(base), "batching": {"enabled": False}}],
                    quotas={"tenants": {"t": {"max_inflight": 8, "max_queued": 1000}}})
-    chans = channels(router, 8)
+    chans = channels(router, 16)
     try:
         request = predict_request("ctr", INPUTS)
         stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
