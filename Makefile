@@ -73,6 +73,7 @@ bench-tls: install demo
 # wrk (Debian's) drives REST at c=64; installed here when missing (needs root, as the other apt steps)
 bench-processes: install demo
 	@command -v wrk >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null)
+	@command -v h2load >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client >/dev/null)
 	$(PY) -m loadtest.bench_processes
 
 bench-state: install demo

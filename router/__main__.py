@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import signal
 import sys
 from collections.abc import Callable
@@ -102,6 +101,7 @@ def build_config(args: argparse.Namespace) -> cfgmod.Config:
 async def serve(cfg: cfgmod.Config, watch: Watch | None = None, config_path: str | None = None,
                 ignore_state: bool = False) -> int:
     from router.app import App, describe
+    from router.procs import freeze_heap
 
     app = App(cfg, config_path=config_path, ignore_state=ignore_state)
     if watch is not None:  # --model_config_file_poll_wait_seconds
@@ -117,13 +117,7 @@ async def serve(cfg: cfgmod.Config, watch: Watch | None = None, config_path: str
         waiter = asyncio.ensure_future(app.wait_ready(cfg.workers.startup_timeout_s))
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        # Everything start-up built (modules, config, protobuf descriptors,
-        # metric families) lives as long as the process: take it out of the
-        # collector's reach, so a full collection under load scans only what
-        # requests allocate (a full pass over it all stalled the loop for
-        # 12-19 ms, every few seconds, at 2k req/s).
-        gc.collect()
-        gc.freeze()
+        freeze_heap()
         if waiter.done() and waiter.result():
             print("tfs-router ready", flush=True)
         elif waiter.done():

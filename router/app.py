@@ -44,6 +44,7 @@ from router.frontends.http_server import RestFrontend
 from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
+from router.frontends.balanced import listening_socket
 from router.procs import Hub, reserve_port, resolve_count
 from router.state import (EtcdStore, FileStore, State, StateConflict, StoreUnavailable, directory as state_directory,
                           empty as empty_state, merge as merge_state)
@@ -427,7 +428,10 @@ class App:
         g, r = self.config.grpc, self.config.rest
         for host, port, frontend in ((g.host, g.port, self.grpc), (r.host, r.port, self.rest)):
             try:
-                sock = reserve_port(host, port)
+                if frontend is self.grpc:
+                    sock = reserve_port(host, port)
+                else:  # REST: one listening socket, accepted from by every data plane, evenly
+                    sock = listening_socket(host, port, min(r.max_connections, 4096))
             except OSError as exc:
                 from shared.errors import BindError
 
@@ -437,7 +441,7 @@ class App:
         if self._socket_dir is None:
             self._socket_dir = Path(tempfile.mkdtemp(prefix="tfs-router-"))
             self._own_socket_dir = True
-        self.hub = Hub(self, self.processes, self._socket_dir, (self.grpc.port, self.rest.port))
+        self.hub = Hub(self, self.processes, self._socket_dir, (self.grpc.port, self.rest.port), self._reserved[1])
         self.pool.remote_idle = self.hub.wait_idle
         await self.hub.start()
         log.info("data plane: %d processes on gRPC :%d and REST :%d", self.processes, self.grpc.port,

@@ -1,7 +1,8 @@
 """One data-plane process (``python -m router dataplane``), started by the control plane (router/procs.py).
 
 It gets its config and the state it routes by over the control socket, binds
-the gRPC and REST ports with SO_REUSEPORT beside its siblings, and serves:
+the gRPC port with SO_REUSEPORT beside its siblings, accepts REST connections
+from the control plane's socket (its share: frontends/balanced.py), and serves:
 frontends, admission, data plane, batcher, and its own connections to every
 worker.  It acknowledges every revision, reports its answers and its calls
 in flight, holds unversioned requests of a model while a switch is in its
@@ -15,8 +16,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,12 +32,13 @@ from router.batcher import Batcher
 from router.config import Config, from_dict, override
 from router.dataplane import DataPlane
 from router.dispatch import Dispatcher
+from router.frontends.balanced import ConnectionShares
 from router.frontends.grpc_server import GrpcFrontend
 from router.frontends.http_server import RestFrontend
 from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import Backend, Pool
-from router.procs import REPORT_S, _receive, _send, apply_snapshot
+from router.procs import REPORT_S, SHARES_FILE, _receive, freeze_heap, _send, apply_snapshot
 from router.registry import Registry
 from router.tls import ClientTls, ServerTls
 from router.transport import transport_for
@@ -227,6 +231,7 @@ class DataPlaneProcess:
         for t in self._watched:
             self._spawn(t.watch())
         self._spawn(self._reporter())
+        freeze_heap()
         await _send(writer, {"kind": "ready", "pid": os.getpid(), "inflight": {}})
         self._spawn(self._follow(reader, writer, stop))
         await stop.wait()
@@ -297,7 +302,7 @@ async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
 
 
-async def serve(control: str, index: int, parent_pid: int) -> int:
+async def serve(control: str, index: int, parent_pid: int, rest_fd: int = -1) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -310,6 +315,9 @@ async def serve(control: str, index: int, parent_pid: int) -> int:
     config = from_dict(hello["config"])
     rlog.setup(config.log.level, config.log.format, config.log.access_log)
     proc = DataPlaneProcess(config, index, int(hello["processes"]))
+    if rest_fd >= 0:  # the control plane's REST socket, connections spread by count (frontends/balanced.py)
+        shares = ConnectionShares(Path(control).parent / SHARES_FILE, int(hello["processes"]))
+        proc.rest.shared_listener = (socket.socket(fileno=rest_fd), shares, index)
     watcher = loop.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
     try:
         await proc.run(reader, writer, int(hello["grpc_port"]), int(hello["rest_port"]), stop)
@@ -325,12 +333,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--control", required=True, help="the control plane's Unix socket")
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument("--rest-fd", type=int, default=-1, help="the REST socket, listening, inherited")
     args = p.parse_args(argv)
     import prometheus_client
     import uvloop
 
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     started = time.monotonic()
-    code = uvloop.run(serve(args.control, args.index, args.parent_pid))
+    code = uvloop.run(serve(args.control, args.index, args.parent_pid, args.rest_fd))
     log.info("data plane %d stopped after %.0fs", args.index, time.monotonic() - started)
     raise SystemExit(code)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from router.admission import Admission
 from router.config import Config
 from router.registry import Registry
 from router.dataplane import DataPlane, Resolved
+from router.frontends.balanced import BalancedAcceptor, ConnectionShares
 from router.frontends.served import Frontend
 from shared.errors import BindError, InvalidArgument, NotFound, ServingError, Unimplemented
 from router.metrics import Metrics
@@ -95,6 +97,9 @@ class RestFrontend:
         self.config = config
         self.tls = tls
         self.reuse_port = False  # a data-plane process shares the port with the others (router/procs.py)
+        # ... or accepts from the control plane's socket, connections spread evenly (balanced.py)
+        self.shared_listener: tuple[socket.socket, ConnectionShares, int] | None = None
+        self._acceptor: BalancedAcceptor | None = None
         self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
         self.dp = dataplane
         self.control = control
@@ -250,11 +255,19 @@ class RestFrontend:
 
         # Our own listener (not a TCPSite) so that connections past the limit are closed at once.
         factory = _ConnectionLimit(self.runner.server, cfg.max_connections, refused)
+        ssl_context = self.tls.ssl_context() if self.tls is not None else None
+        if self.shared_listener is not None:
+            sock, shares, index = self.shared_listener
+            server = self.runner.server
+            self._acceptor = BalancedAcceptor(sock, factory, open_connections=lambda: len(server.connections),
+                                              shares=shares, index=index, ssl_context=ssl_context)
+            self._acceptor.start()
+            self.port = sock.getsockname()[1]
+            return self.port
         try:
             self._listener = await asyncio.get_running_loop().create_server(
                 factory, cfg.host, cfg.port, reuse_address=True, reuse_port=self.reuse_port or None,
-                backlog=min(cfg.max_connections, 4096),
-                ssl=self.tls.ssl_context() if self.tls is not None else None)
+                backlog=min(cfg.max_connections, 4096), ssl=ssl_context)
         except OSError as exc:
             raise BindError(f"cannot listen for REST on {cfg.host}:{cfg.port} ({exc.strerror}); "
                             "choose another with --rest-port or rest.port") from exc
@@ -264,6 +277,8 @@ class RestFrontend:
 
     async def stop(self) -> None:
         self.accepting = False
+        if self._acceptor is not None:
+            self._acceptor.close()
         if self._listener is not None:
             self._listener.close()  # no new connections; the open ones finish below
         if self.runner is not None:

@@ -211,7 +211,11 @@ def test_tls_on_grpc_rest_and_admin(pki: Pki, base_config: dict[str, Any], logs_
         router.terminate()
 
 
-def test_mutual_tls_names_the_tenant(pki: Pki, base_config: dict[str, Any], logs_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-dataplanes"])
+def test_mutual_tls_names_the_tenant(processes: int, pki: Pki, base_config: dict[str, Any], logs_dir: Path,
+                                     tmp_path: Path) -> None:
+    """With two data-plane processes, REST's handshakes happen on connections accepted from the shared
+    socket (router/frontends/balanced.py)."""
     cert, key = pki.server("server")
     client_ca = pki.ca_file(pki.client_ca, "client-ca")
     ca = pki.ca.cert_pem.bytes()
@@ -221,7 +225,8 @@ def test_mutual_tls_names_the_tenant(pki: Pki, base_config: dict[str, Any], logs
               "tls": {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(client_ca),
                       "require_client_cert": True},
               "admin": {"port": 0, "tls": {"plaintext": True}},
-              "quotas": {"tenant_from": "client_cert", "tenants": {"alice": {"max_inflight": 64}}}}
+              "quotas": {"tenant_from": "client_cert", "tenants": {"alice": {"max_inflight": 64}}},
+              "dataplane": {"processes": processes}}
     router = start(config, logs_dir, ctx)
     try:
         with grpc_channel(router.grpc_port, ca, alice) as channel:
