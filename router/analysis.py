@@ -21,6 +21,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # Status codes that count as a version's own failure.
 SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS",
@@ -48,6 +49,20 @@ class Window:
             return float("nan")
         ordered = sorted(self.samples)
         return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+    def summary(self, max_samples: int, rng: random.Random) -> dict[str, Any]:
+        """This window for another replica to merge (router/fleet.py): counts, and a uniform sample of
+        at most ``max_samples`` latencies (microseconds)."""
+        kept = self.samples if len(self.samples) <= max_samples else rng.sample(self.samples, max_samples)
+        return {"requests": self.requests, "errors": self.errors, "seen": self.seen,
+                "samples_us": [round(s * 1e6) for s in kept]}
+
+    def add(self, summary: Mapping[str, Any]) -> None:
+        """Count another replica's window (a ``summary``) in this one."""
+        self.requests += int(summary["requests"])
+        self.errors += int(summary["errors"])
+        self.seen += int(summary["seen"])
+        self.samples.extend(us / 1e6 for us in summary["samples_us"])
 
     def to_json(self) -> dict[str, float | int | None]:
         p99 = self.p99()
@@ -77,6 +92,10 @@ class VersionStats:
             slot = self._rng.randrange(window.seen)
             if slot < MAX_SAMPLES:
                 window.samples[slot] = seconds
+
+    def peek(self, model: str) -> dict[int, Window]:
+        """The model's windows so far (not taken)."""
+        return {v: w for (m, v), w in self._windows.items() if m == model}
 
     def take(self, model: str) -> dict[int, Window]:
         """The model's windows since the last take; the next ones start empty."""

@@ -45,6 +45,7 @@ from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
 from router.frontends.balanced import listening_socket
+from router.fleet import Fleet, identity as fleet_identity
 from router.procs import Hub, reserve_port, resolve_count
 from router.state import (EtcdStore, FileStore, State, StateConflict, StoreUnavailable, directory as state_directory,
                           empty as empty_state, merge as merge_state)
@@ -147,6 +148,14 @@ class App:
         self._ignore_state = ignore_state
         if isinstance(self.store, FileStore) and not ignore_state:
             self._runtime = self.store.load()
+        self._persist_now = asyncio.Event()
+        # etcd: the replicas are a fleet, and only its leader judges progressive delivery (router/fleet.py)
+        self.fleet: Fleet | None = None
+        if isinstance(self.store, EtcdStore):
+            fleet = self.fleet = Fleet(self.store, fleet_identity(), self._published_windows)
+            self.canary.judge = lambda: fleet.leading
+            self.canary.windows = lambda model, p: fleet.merged(model, p.step_started_at, self.stats.take(model))
+        self.canary.on_judged = lambda model: self._persist_now.set()
         self.metrics.track_control(self._state_families)
         self._config_routing = {m.name: self.canary.get(m.name) for m in config.models}
         self.admin.after_command = self._after_command
@@ -212,9 +221,15 @@ class App:
             routing = self.canary.get(m.name)
             if routing != self._config_routing.get(m.name, {}):
                 entries["routing"] = routing
-            # Where a progression is: the one router's own (file). With etcd each replica judges its own
-            # traffic (no leader yet), so none writes its progress over the others'.
-            progressive = self.canary.resumable(m.name) if isinstance(self.store, FileStore) else None
+            # Where a progression is: the one router's own (file); with etcd the fleet's leader writes it
+            # (with its outcome, for the others to follow) and the others keep what it wrote.
+            if self.fleet is None:
+                progressive = self.canary.resumable(m.name)
+            elif self.fleet.leading:
+                progressive = self.canary.resumable(m.name, ended=True)
+            else:
+                stored = self._runtime["models"].get(m.name, {}).get("progressive")
+                progressive = stored.value if stored is not None else None
             if progressive is not None:
                 entries["progressive"] = progressive
             pinned = self.source.pinned(m.name)
@@ -246,9 +261,25 @@ class App:
                 return
         self._runtime = new
 
+    def _published_windows(self) -> dict[str, dict[str, Any]]:
+        """This replica's windows of every running progression, for the fleet's leader (router/fleet.py)."""
+        assert self.fleet is not None
+        out = {}
+        for model, progress in self.canary.progress.items():
+            if progress.state == "running":
+                out[model] = {"step_started_at": progress.step_started_at,
+                              "versions": self.fleet.summary(self.stats.peek(model))}
+        return out
+
     async def _persist_forever(self) -> None:
         while True:
-            await asyncio.sleep(1.0)  # what the router itself changes: failed marks, canary steps
+            # what the router itself changes (failed marks, canary steps): each second, or at once after
+            # a canary verdict
+            try:
+                await asyncio.wait_for(self._persist_now.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._persist_now.clear()
             try:
                 await self.persist()
             except StateConflict:
@@ -262,11 +293,23 @@ class App:
         for m in self.config.models:
             entries = state["models"].get(m.name, {})
             routing = entries["routing"].value if "routing" in entries else self._config_routing.get(m.name, {})
+            follow = self.fleet is not None and not self.fleet.leading and "progressive" in entries
             if routing != self.canary.get(m.name):
+                progress = self.canary.progress.get(m.name)
+                # the leader moved its progression on (a step's weights): the same progression, followed
+                same = (follow and progress is not None and progress.state == "running"
+                        and routing.get("progressive") == self.canary.get(m.name).get("progressive"))
                 try:
-                    self.canary.apply(m.name, routing, check_versions=False)
+                    self.canary.apply(m.name, routing, check_versions=False, keep_progress=same)
                 except ValueError as exc:
                     log.error("model %s: the stored routing block is not used: %s", m.name, exc)
+            if follow:
+                self.canary.follow(m.name, entries["progressive"].value)
+                if routing != self.canary.get(m.name):  # a progression begun here starts at step 0's weights
+                    try:
+                        self.canary.apply(m.name, routing, check_versions=False, keep_progress=True)
+                    except ValueError:
+                        pass  # logged above
             pinned = tuple(entries["pinned"].value) if "pinned" in entries else None
             if pinned != self.source.pinned(m.name):
                 self.source.pin(m.name, pinned)
@@ -348,6 +391,8 @@ class App:
                            for m, entries in self._runtime["models"].items()},
                 "workers": {n: {"by": e.by, "at": e.at} for n, e in self._runtime["workers"].items()},
             }
+            if self.fleet is not None:
+                out["state"]["fleet"] = self.fleet.status()
         return out
 
     def _state_changed(self) -> None:
@@ -420,6 +465,8 @@ class App:
             self._spawn(self._persist_forever(), "state")
         if isinstance(self.store, EtcdStore):
             self._spawn(self.store.watch(self._apply_state), "state-watch")
+        if self.fleet is not None:
+            self._spawn(self.fleet.run(), "fleet")
         for tls in self._tls_watched:
             self._spawn(tls.watch(), f"tls-{tls.name}")
 
@@ -691,6 +738,8 @@ class App:
             await self.persist()
         except (StateConflict, StoreUnavailable) as exc:
             log.warning("runtime state not written at shutdown: %s", exc)
+        if self.fleet is not None:  # another replica leads at once, not after the lease's time
+            await self.fleet.close()
         await self.controller.stop()
         await self.admin.stop()
         await self.batcher.close()

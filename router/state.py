@@ -39,6 +39,7 @@ log = logging.getLogger("router.state")
 STATE_FILE = "state.json"
 FORMAT = 1
 STATE_DIR_ENV = "TFS_ROUTER_STATE_DIR"  # overrides state.dir (tests give every router its own)
+FLEET_PREFIX = "fleet/"  # under the etcd prefix: the leader and the replicas' windows (router/fleet.py), not state
 WATCH_LAG_ENV = "TFS_ROUTER_TEST_WATCH_LAG"  # tests: seconds a replica waits before applying a watched change
 
 
@@ -232,7 +233,7 @@ class EtcdStore:
             except Exception:
                 pass
 
-    async def _call(self, op: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def call(self, op: Callable[[Any], Awaitable[Any]]) -> Any:
         """``op(client)``; any failure to reach etcd is StoreUnavailable (and the next call reconnects)."""
         try:
             return await op(await self._connected())
@@ -245,10 +246,12 @@ class EtcdStore:
 
     async def load(self) -> State:
         """Every key under the prefix (revisions remembered)."""
-        found = await self._call(lambda client: client.get_prefix(self.prefix.encode()))
+        found = await self.call(lambda client: client.get_prefix(self.prefix.encode()))
         docs, revisions = {}, {}
         for kv in found:
             key = kv.key.decode()[len(self.prefix):]
+            if key.startswith(FLEET_PREFIX):
+                continue
             docs[key] = json.loads(kv.value)
             revisions[key] = kv.mod_revision
         self.docs, self.revisions, self.stale = docs, revisions, False
@@ -269,7 +272,7 @@ class EtcdStore:
             success += [tx.delete((self.prefix + k).encode()) for k in removed]
             return client.transaction(compare=compare, success=success, failure=[])
 
-        ok, response = await self._call(transaction)
+        ok, response = await self.call(transaction)
         if not ok:
             raise StateConflict(f"changed by another router meanwhile ({', '.join(sorted([*changed, *removed]))}); "
                                 "read the status again and retry")
@@ -299,8 +302,8 @@ class EtcdStore:
                     if self._lag:  # tests: a replica that sees other replicas' writes late
                         await asyncio.sleep(self._lag)
                     key = event.kv.key.decode()[len(self.prefix):]
-                    if self.revisions.get(key, 0) >= event.kv.mod_revision:
-                        continue  # this replica's own write, or older
+                    if key.startswith(FLEET_PREFIX) or self.revisions.get(key, 0) >= event.kv.mod_revision:
+                        continue  # the fleet's own keys; this replica's own write, or older
                     if str(event.kind).endswith("DELETE"):
                         self.docs.pop(key, None)
                         self.revisions.pop(key, None)

@@ -94,6 +94,11 @@ class CanaryController:
         self._promoted: dict[str, int] = {}  # model -> promoted version, until the default is it
         self._retry_retire: set[str] = set()  # promotions whose rollout waits for another to end
         self._stopping = False
+        # A fleet on etcd (router/fleet.py): only its leader judges, from the fleet's windows, and is
+        # told when it did (to write where the progression is at once); the others follow it.
+        self.judge: Callable[[], bool] = lambda: True
+        self.windows: Callable[[str, Progress], dict[int, Window]] = lambda model, progress: self.stats.take(model)
+        self.on_judged: Callable[[str], None] = lambda model: None
         for m in config.models:
             doc = m.routing.document()
             if doc:
@@ -247,20 +252,47 @@ class CanaryController:
         self.progress[model] = progress
         self._enter_step(model, progress, 0)
 
-    def resumable(self, model: str) -> dict[str, Any] | None:
-        """Where a running progression is (router/state.py keeps it): step, when it started, the last verdict."""
+    def resumable(self, model: str, ended: bool = False) -> dict[str, Any] | None:
+        """Where a progression is (router/state.py keeps it): step, when it started, the verdicts; with
+        ``ended``, also one that ended, with its outcome (a fleet's other replicas follow it)."""
         progress = self.progress.get(model)
-        if progress is None or progress.state != RUNNING:
+        if progress is None or (progress.state != RUNNING and not (ended and progress.state in (PROMOTED, ABORTED))):
             return None
         return {"step": progress.step, "step_started_at": progress.step_started_at, "started": progress.started,
-                "verdicts": list(progress.verdicts)}
+                "verdicts": list(progress.verdicts), "state": progress.state, "reason": progress.reason}
+
+    def follow(self, model: str, where: dict[str, Any]) -> None:
+        """A replica that does not judge takes the judge's place in the progression (its step, when the
+        step started, its verdicts, its outcome); its own window starts again with each new step."""
+        progress = self.progress.get(model)
+        step = int(where.get("step", 0))
+        if progress is None or not 0 <= step < len(progress.steps):
+            return
+        at = float(where.get("step_started_at", progress.step_started_at))
+        if (step, at) != (progress.step, progress.step_started_at):
+            self.stats.take(model)  # the judge's new step (or a hold): a new window
+        progress.step, progress.step_started_at = step, at
+        progress.step_started = self._clock() - max(0.0, self._wall() - at)
+        progress.started = float(where.get("started", progress.started))
+        progress.verdicts = list(where.get("verdicts", []))[-MAX_VERDICTS:]
+        state = where.get("state", RUNNING)
+        if state in (PROMOTED, ABORTED) and progress.state != state:
+            progress.state, progress.reason = state, str(where.get("reason", ""))
+            log.info("model %s: the fleet's leader %s the canary version %d: %s", model, state, progress.canary,
+                     progress.reason)
+            if state == PROMOTED:  # decided by the leader; carried out here too (the old version retires)
+                if "stable" in self.registry.labels[model]:
+                    self.registry.labels[model]["stable"] = progress.canary
+                self._promoted[model] = progress.canary
+                self._retire_old(model, progress.canary)
 
     def resume(self, model: str, where: dict[str, Any]) -> None:
         """Continue a progression kept from before a restart at the step it was at, the time it had
         spent in that step counted (the routing block, with its progressive steps, applied first)."""
         progress = self.progress.get(model)
         step = int(where.get("step", 0))
-        if progress is None or progress.state != RUNNING or not 0 <= step < len(progress.steps):
+        if (progress is None or progress.state != RUNNING or where.get("state", RUNNING) != RUNNING
+                or not 0 <= step < len(progress.steps)):
             return
         progress.started = float(where.get("started", progress.started))
         progress.verdicts = list(where.get("verdicts", []))[-MAX_VERDICTS:]
@@ -290,7 +322,7 @@ class CanaryController:
     def evaluate(self, model: str) -> str:
         """Judge the step that just ended; returns the verdict's action."""
         progress = self.progress[model]
-        windows = self.stats.take(model)
+        windows = self.windows(model, progress)
         stable = windows.get(progress.stable, Window())
         canary = windows.get(progress.canary, Window())
         if stable.requests >= progress.checks.min_requests:
@@ -328,8 +360,9 @@ class CanaryController:
     def tick(self) -> None:
         now = self._clock()
         for model, progress in list(self.progress.items()):
-            if progress.state == RUNNING and now - progress.step_started >= progress.interval_s:
+            if progress.state == RUNNING and now - progress.step_started >= progress.interval_s and self.judge():
                 self.evaluate(model)
+                self.on_judged(model)
         for model, version in list(self._promoted.items()):
             if model in self._retry_retire:
                 # Promoted while another rollout ran: the old version still has to be retired, even

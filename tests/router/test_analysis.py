@@ -60,3 +60,21 @@ def test_take_resets_and_samples_are_bounded() -> None:
 def test_p99_is_an_observed_latency(n: int) -> None:
     w = Window(requests=n, samples=[float(i) for i in range(n)])
     assert w.p99() in w.samples and w.p99() >= 0.98 * (n - 1)
+
+
+def test_windows_of_several_replicas_merge_into_the_fleets() -> None:
+    """router/fleet.py: each replica publishes a summary; the leader adds them to its own window."""
+    rng = random.Random(1)
+    slow, fast = window(300, 0.010, errors=3), window(700, 0.001)
+    merged = Window()
+    for part in (slow, fast):
+        merged.add(part.summary(10_000, rng))
+    assert (merged.requests, merged.errors, merged.seen) == (1000, 3, 1000)
+    # every sample kept (under the cap): the p99 is the fleet's, between the replicas' own
+    every = sorted(slow.samples + fast.samples)
+    assert merged.p99() == pytest.approx(every[989], rel=1e-5)
+    assert fast.p99() < merged.p99() <= slow.p99()
+    # over the cap, a uniform sample of it
+    capped = slow.summary(50, rng)
+    assert len(capped["samples_us"]) == 50 and capped["requests"] == 300
+    assert set(capped["samples_us"]) <= {round(s * 1e6) for s in slow.samples}

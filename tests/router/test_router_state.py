@@ -352,3 +352,71 @@ def test_a_progression_resumes_at_its_step_after_a_restart(model_root: Path, tmp
         assert "progression resumed at step" in router.log()
     finally:
         assert router.terminate() == 0, router.log()
+
+
+def test_the_fleets_leader_judges_the_fleets_traffic_and_another_takes_over(model_root: Path, etcd: Etcd,
+                                                                           logs_dir: Path) -> None:
+    """Three routers on one etcd, a progression: only the leader judges, from every replica's windows (the
+    load goes to the two others only, so its own window alone would hold the progression at step 0 for
+    ever). kill -9 of the leader mid-step: another leads, goes on from the same step, and the canary is
+    promoted once."""
+    from tests.support import TEST_VOCAB, SteadyLoad, predict_request
+    from workers.demo_model import example_inputs
+
+    steps = [10, 40, 70, 100]
+    config = etcd_config(model_root, etcd)
+    config["models"][0]["routing"] = {
+        "split": {"stable": 100, "canary": 0},
+        "progressive": {"steps": steps, "interval_s": 2.0, "min_requests": 20, "max_p99_ratio": 10.0}}
+
+    def progress(r: RouterProcess) -> dict[str, Any]:
+        result: dict[str, Any] = r.status()["models"][0]["routing"]["progressive"] or {}
+        return result
+
+    def fleet(r: RouterProcess) -> dict[str, Any]:
+        result: dict[str, Any] = r.status()["state"]["fleet"]
+        return result
+
+    routers = [RouterProcess(config, log_dir=logs_dir) for _ in range(3)]
+    loads: list[SteadyLoad] = []
+    try:
+        for r in routers:
+            r.wait_ready()
+            wait_for(lambda r=r: r.status()["models"][0]["available"] == [1, 2], "both versions")
+        wait_for(lambda: sum(fleet(r)["leading"] for r in routers) == 1
+                 and len({fleet(r)["leader"] for r in routers}) == 1, "one leader, known to all")
+        leader = next(r for r in routers if fleet(r)["leading"])
+        others = [r for r in routers if r is not leader]
+        request = predict_request("ctr", example_inputs(1, vocab=TEST_VOCAB))
+        loads = [SteadyLoad(r.channel, request, clients=2) for r in others]  # none on the leader
+        for load in loads:
+            load.__enter__()
+        wait_for(lambda: progress(leader)["step"] >= 1, "the leader to advance on the others' traffic", timeout=60)
+        assert progress(leader)["state"] == "running"
+        wait_for(lambda: all(progress(r)["step"] == progress(leader)["step"] for r in others), "the others to follow")
+        step = progress(leader)["step"]
+        leader.kill()
+        seen: list[int] = []
+
+        def led_by_another() -> bool:
+            seen.extend(progress(r)["step"] for r in others)
+            return any(fleet(r)["leading"] for r in others)
+
+        wait_for(led_by_another, "another replica to lead", timeout=30)
+        assert min(seen) >= step, (step, seen)  # went on from the step reached, never back to the start
+        wait_for(lambda: all(progress(r)["state"] == "promoted" for r in others), "the promotion", timeout=90)
+        for load in loads:
+            load.__exit__()
+        assert not [f for load in loads for f in load.failures], [f for load in loads for f in load.failures][:5]
+        verdicts = progress(others[0])["verdicts"]
+        assert [v["step"] for v in verdicts if v["verdict"] == "advance"] == list(range(len(steps))), verdicts
+        logs = [r.log_path.read_text(errors="replace") for r in routers]
+        assert sum(text.count("canary version 2 promoted (every step healthy") for text in logs) == 1, "promoted twice"
+        new_leader = next(r for r in others if fleet(r)["leading"])
+        follower = next(r for r in others if r is not new_leader)
+        assert "the fleet's leader promoted the canary version 2" in follower.log_path.read_text(errors="replace")
+    finally:
+        for load in loads:
+            load.__exit__()
+        for r in routers:
+            r.terminate()
