@@ -46,7 +46,7 @@ from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
 from router.frontends.balanced import listening_socket
 from router.fleet import Fleet, identity as fleet_identity
-from router.procs import Hub, reserve_port, resolve_count
+from router.procs import HOLD_MAX_S, Hub, reserve_port, resolve_count
 from router.state import (EtcdStore, FileStore, State, StateConflict, StoreUnavailable, directory as state_directory,
                           empty as empty_state, merge as merge_state)
 from router.tls import ClientTls, ServerTls
@@ -135,7 +135,7 @@ class App:
         self._stopping = False
         self._models_loader: tuple[Callable[[], tuple[ModelConfig, ...]], float] | None = None
         # dataplane.processes > 1: the frontends run in data-plane processes (router/procs.py)
-        self.processes = resolve_count(config.dataplane.processes, w.count if w.mode == "spawn" else 0)
+        self.processes = resolve_count(config.dataplane.processes)
         self.hub: Hub | None = None
         self._reserved: list[Any] = []
         self.registry.on_switch = self._state_changed
@@ -143,7 +143,8 @@ class App:
         st = config.state
         self.store: FileStore | EtcdStore | None = (
             FileStore(state_directory(st.dir, config_path)) if st.backend == "file"
-            else EtcdStore(st.endpoints, st.prefix) if st.backend == "etcd" else None)
+            else EtcdStore(st.endpoints, st.prefix, st.tls, st.username, st.password_file) if st.backend == "etcd"
+            else None)
         self._runtime: State = empty_state()
         self._ignore_state = ignore_state
         if isinstance(self.store, FileStore) and not ignore_state:
@@ -156,6 +157,13 @@ class App:
             self.canary.judge = lambda: fleet.leading
             self.canary.windows = lambda model, p: fleet.merged(model, p.step_started_at, self.stats.take(model))
         self.canary.on_judged = lambda model: self._persist_now.set()
+        # Passive routers on etcd switch their default version together (the leader decides, see
+        # _fleet_switch): the fleet's default per model, as stored, and the switches under way here.
+        self._fleet_defaults: dict[str, int] = {}
+        self._fleet_switching: set[str] = set()
+        self._fleet_holds: dict[str, asyncio.TimerHandle] = {}
+        if self.fleet is not None and self.passive is not None:
+            self.passive.decide = self._decide_default
         self.metrics.track_control(self._state_families)
         self._config_routing = {m.name: self.canary.get(m.name) for m in config.models}
         self.admin.after_command = self._after_command
@@ -232,6 +240,8 @@ class App:
                 progressive = stored.value if stored is not None else None
             if progressive is not None:
                 entries["progressive"] = progressive
+            if m.name in self._fleet_defaults:  # passive fleet: written by its leader only
+                entries["default"] = self._fleet_defaults[m.name]
             pinned = self.source.pinned(m.name)
             if pinned is not None:
                 entries["pinned"] = list(pinned)
@@ -260,6 +270,95 @@ class App:
                 log.error("runtime state not saved to %s: %s", self.store.path, exc)
                 return
         self._runtime = new
+
+    # -- a fleet's default version (passive routers on etcd) ------------------------------------
+
+    def _decide_default(self, model: str, current: int | None, proposed: int | None, served: set[int]) -> int | None:
+        """PassiveSync.decide in a fleet: the default the fleet's leader stored, while this router's
+        workers serve it; the leader moves the fleet when its own choice differs (_fleet_switch)."""
+        assert self.fleet is not None
+        stored = self._fleet_defaults.get(model)
+        if self.fleet.leading and proposed is not None and proposed != stored:
+            if stored is None or stored not in served:  # nothing to switch from: the first default
+                self._fleet_defaults[model] = proposed
+                self._persist_now.set()
+                return proposed
+            if model not in self._fleet_switching:
+                self._spawn(self._fleet_switch(model, proposed), f"fleet-switch-{model}")
+        if stored is not None and stored in served:
+            return stored
+        return current if current in served else proposed
+
+    async def _fleet_switch(self, model: str, version: int) -> None:
+        """Move every replica's unversioned requests of ``model`` to ``version`` at one store revision:
+        every replica holds them (and sees the version served) first, then the leader writes the default,
+        and each switches and lets them go as it applies that write (no client sees the old version
+        after the new one, whichever replica it asks)."""
+        assert self.fleet is not None
+        self._fleet_switching.add(model)
+        try:
+            switch_id = await self.fleet.begin_switch(model, version)
+            holding, alive = await self.fleet.wait_acks(model, switch_id)
+            if not self.fleet.leading:
+                return
+            if alive - holding:
+                log.warning("model %s: replicas %s did not hold in time; switching the fleet anyway", model,
+                            sorted(alive - holding))
+            self._fleet_defaults[model] = version
+            await self.persist()
+            log.info("model %s: the fleet's default is version %d (store revision %s)", model, version,
+                     self.store.revisions.get(f"models/{model}") if isinstance(self.store, EtcdStore) else None)
+            if self.passive is not None:
+                self.passive.settle()
+            await self._release_fleet_hold(model)
+        except (StoreUnavailable, StateConflict) as exc:
+            log.warning("model %s: the fleet's switch to version %d did not happen: %s", model, version, exc)
+            self._fleet_defaults = {m: v for m, v in self._fleet_defaults.items() if m != model or v != version}
+        finally:
+            self._fleet_switching.discard(model)
+            try:
+                await self.fleet.end_switch(model)
+            except StoreUnavailable:
+                pass
+
+    def _fleet_switch_begun(self, model: str, version: int, switch_id: str) -> None:
+        self._spawn(self._hold_for_fleet(model, version, switch_id), f"fleet-hold-{model}")
+
+    async def _hold_for_fleet(self, model: str, version: int, switch_id: str) -> None:
+        """The leader moves the fleet to ``version``: hold new unversioned requests of ``model`` (until
+        this router applies the stored default, or for HOLD_MAX_S), see the version served, say so."""
+        assert self.fleet is not None
+        if self.config.model(model) is None:
+            return
+        if self.hub is not None:
+            await self.hub.hold([model])
+        else:
+            self.registry.held.setdefault(model, asyncio.Event())
+        old = self._fleet_holds.pop(model, None)
+        if old is not None:
+            old.cancel()
+        self._fleet_holds[model] = asyncio.get_running_loop().call_later(
+            HOLD_MAX_S, lambda: self._spawn(self._release_fleet_hold(model), f"fleet-release-{model}"))
+        end = time.monotonic() + HOLD_MAX_S / 2
+        while version not in self.pool.available_versions(model) and time.monotonic() < end:
+            if self.passive is not None:
+                self.passive.wake()
+            await asyncio.sleep(0.02)
+        try:
+            await self.fleet.ack(model, switch_id)
+        except StoreUnavailable:
+            pass
+
+    async def _release_fleet_hold(self, model: str) -> None:
+        timer = self._fleet_holds.pop(model, None)
+        if timer is None:
+            return
+        timer.cancel()
+        if self.hub is not None:
+            await self.hub.release([model])
+        held = self.registry.held.pop(model, None)
+        if held is not None:
+            held.set()
 
     def _published_windows(self) -> dict[str, dict[str, Any]]:
         """This replica's windows of every running progression, for the fleet's leader (router/fleet.py)."""
@@ -310,6 +409,14 @@ class App:
                         self.canary.apply(m.name, routing, check_versions=False, keep_progress=True)
                     except ValueError:
                         pass  # logged above
+            if "default" in entries and entries["default"].value != self._fleet_defaults.get(m.name):
+                self._fleet_defaults[m.name] = int(entries["default"].value)
+                if self.store is not None and isinstance(self.store, EtcdStore):
+                    log.info("model %s: the fleet's default is version %d (store revision %s)", m.name,
+                             self._fleet_defaults[m.name], self.store.revisions.get(f"models/{m.name}"))
+                if self.passive is not None:
+                    self.passive.settle()
+                self._spawn(self._release_fleet_hold(m.name), f"fleet-release-{m.name}")
             pinned = tuple(entries["pinned"].value) if "pinned" in entries else None
             if pinned != self.source.pinned(m.name):
                 self.source.pin(m.name, pinned)
@@ -351,6 +458,8 @@ class App:
                 self.canary.resume(model, entries["progressive"].value)
             if "pinned" in entries:
                 self.source.pin(model, entries["pinned"].value)
+            if "default" in entries:
+                self._fleet_defaults[model] = int(entries["default"].value)
             for version, e in entries.get("failed", {}).items():
                 fp, reason = e.value
                 self.source.restore_failed(model, int(version),
@@ -467,13 +576,15 @@ class App:
             self._spawn(self.store.watch(self._apply_state), "state-watch")
         if self.fleet is not None:
             self._spawn(self.fleet.run(), "fleet")
+            if self.passive is not None:
+                self._spawn(self.fleet.watch_switches(self._fleet_switch_begun), "fleet-switches")
         for tls in self._tls_watched:
             self._spawn(tls.watch(), f"tls-{tls.name}")
 
     async def _start_dataplanes(self) -> None:
         """The ports held (bound with SO_REUSEPORT, not listening), the data-plane processes started."""
         g, r = self.config.grpc, self.config.rest
-        for host, port, frontend in ((g.host, g.port, self.grpc), (r.host, r.port, self.rest)):
+        for name, host, port, frontend in (("gRPC", g.host, g.port, self.grpc), ("REST", r.host, r.port, self.rest)):
             try:
                 if frontend is self.grpc:
                     sock = reserve_port(host, port)
@@ -482,7 +593,9 @@ class App:
             except OSError as exc:
                 from shared.errors import BindError
 
-                raise BindError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+                flag = "--grpc-port or grpc.port" if frontend is self.grpc else "--rest-port or rest.port"
+                raise BindError(f"cannot listen for {name} on {host}:{port} ({exc.strerror}); "
+                                f"choose another with {flag}") from exc
             self._reserved.append(sock)
             frontend.port = sock.getsockname()[1]
         if self._socket_dir is None:

@@ -340,8 +340,8 @@ class DataplaneConfig:
     """The data plane on several processes (router/procs.py)."""
 
     # 1: one process serves everything (no control channel); N > 1: the control plane plus
-    # N data-plane processes sharing the gRPC and REST ports; 0 (auto): one per CPU the spawned
-    # workers leave, 1 to 8 (README: "The data plane on several processes" says why).
+    # N data-plane processes sharing the gRPC and REST ports; 0 (auto): one per CPU, 1 to 8
+    # (README: "The data plane on several processes" says why, and why 1 stays the default).
     processes: int = 1
 
 
@@ -353,6 +353,11 @@ class StateConfig:
     dir: str = ""  # file: "" is .tfs-router-state beside the config file (the working directory without one)
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)  # etcd: HOST:PORT of a member
     prefix: str = "/tfs-router/"  # etcd: the routers that share state share this prefix
+    # etcd over TLS: the CA that signed the members' certificates, and the router's own certificate
+    # for members that require one (--client-cert-auth); read again at each (re)connection
+    tls: WorkerTlsConfig = field(default_factory=WorkerTlsConfig)
+    username: str = ""  # etcd's authentication (etcdctl auth enable): this user, ...
+    password_file: str = ""  # ... its password in this file (a Kubernetes Secret mounted as a file)
 
 
 @dataclass(frozen=True)
@@ -575,6 +580,15 @@ def _validate(cfg: Config) -> None:
     _validate_tls(cfg)
     if cfg.state.backend not in ("file", "etcd", "none"):
         raise ConfigError(f"state.backend: {cfg.state.backend!r} (use file, etcd or none)")
+    st = cfg.state
+    if (st.tls.enabled or st.username or st.password_file) and st.backend != "etcd":
+        raise ConfigError("state.tls, state.username and state.password_file: for state.backend: etcd")
+    if bool(st.username) != bool(st.password_file):
+        raise ConfigError("state.username and state.password_file go together")
+    if bool(st.tls.cert_file) != bool(st.tls.key_file):
+        raise ConfigError("state.tls: cert_file and key_file go together")
+    if (st.tls.ca_file or st.tls.cert_file or st.tls.server_name) and not st.tls.enabled:
+        raise ConfigError("state.tls: set enabled: true to reach etcd over TLS (files given, TLS off)")
     if cfg.state.backend == "etcd" and (not cfg.state.endpoints or not cfg.state.prefix.startswith("/")):
         raise ConfigError("state: etcd needs endpoints (HOST:PORT) and a prefix starting with /")
     if not 0 <= cfg.dataplane.processes <= 64:

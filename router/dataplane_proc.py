@@ -38,7 +38,7 @@ from router.frontends.http_server import RestFrontend
 from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import Backend, Pool
-from router.procs import REPORT_S, SHARES_FILE, _receive, freeze_heap, _send, apply_snapshot
+from router.procs import HOLD_MAX_S, REPORT_S, SHARES_FILE, _receive, _send, apply_snapshot, freeze_heap, line
 from router.registry import Registry
 from router.tls import ClientTls, ServerTls
 from router.transport import transport_for
@@ -48,7 +48,6 @@ log = logging.getLogger("router.dataplane")
 
 # Tests of the switch's two steps slow one process down: "INDEX:SECONDS" delays every revision it applies.
 APPLY_DELAY_ENV = "TFS_ROUTER_TEST_APPLY_DELAY"
-HOLD_MAX_S = 2.0  # a hold the control plane never released (it died mid-switch) ends by itself
 
 
 class DataPlaneProcess:
@@ -88,6 +87,9 @@ class DataPlaneProcess:
         self._admissions: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_admission = 0
         self.rest.metrics_source = self._scrape
+        self.pool.version_missing = self._version_missing
+        self._missing: dict[int, asyncio.Future[None]] = {}
+        self._next_missing = 0
         index_s, _, delay_s = os.environ.get(APPLY_DELAY_ENV, "").partition(":")
         self._apply_delay = float(delay_s) if index_s == str(index) and delay_s else 0.0
 
@@ -111,12 +113,29 @@ class DataPlaneProcess:
         if self._writer is None or self._writer.is_closing():
             return
         answers, self._answers = self._answers, []
-        self._writer.write(_line({"kind": "report", "answers": answers, "inflight": self._inflight()}))
+        self._writer.write(line({"kind": "report", "answers": answers, "inflight": self._inflight()}))
 
     async def _reporter(self) -> None:
         while True:
             await asyncio.sleep(REPORT_S)
             self._report()
+
+    async def _version_missing(self, backend: Backend, model: str, version: int) -> None:
+        """A worker answered NOT_FOUND for ``version``: the control plane reads the workers again and
+        publishes what they hold (passive control); returns once this process applied it."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return
+        self._next_missing += 1
+        ident = self._next_missing
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._missing[ident] = waiter
+        writer.write(line({"kind": "missing", "id": ident, "worker": backend.name, "model": model,
+                           "version": version}))
+        try:
+            await asyncio.wait_for(waiter, 15.0)
+        except asyncio.TimeoutError:
+            self._missing.pop(ident, None)
 
     async def _scrape(self) -> bytes:
         """The whole router's metrics: the control plane sums every process's (router/procs.py)."""
@@ -126,7 +145,7 @@ class DataPlaneProcess:
         self._next_scrape += 1
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._scrapes[self._next_scrape] = waiter
-        writer.write(_line({"kind": "scrape", "id": self._next_scrape}))
+        writer.write(line({"kind": "scrape", "id": self._next_scrape}))
         try:
             return await asyncio.wait_for(waiter, 5.0)
         except asyncio.TimeoutError:
@@ -144,7 +163,7 @@ class DataPlaneProcess:
         ident = self._next_admission
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._admissions[ident] = waiter
-        writer.write(_line({"kind": "admit", "id": ident, "tenant": tenant, "model": model, "deadline": deadline}))
+        writer.write(line({"kind": "admit", "id": ident, "tenant": tenant, "model": model, "deadline": deadline}))
         try:
             reply = await waiter
         finally:
@@ -157,7 +176,7 @@ class DataPlaneProcess:
 
         def release() -> None:
             if self._writer is not None and not self._writer.is_closing():
-                self._writer.write(_line({"kind": "release", "id": ident}))
+                self._writer.write(line({"kind": "release", "id": ident}))
 
         return release
 
@@ -254,13 +273,18 @@ class DataPlaneProcess:
                 elif kind == "state":
                     self._apply(message)
                 elif kind == "expose":
-                    writer.write(_line({"kind": "exposition", "id": message["id"],
+                    writer.write(line({"kind": "exposition", "id": message["id"],
                                         "text": self.metrics.render()[0].decode("utf-8")}))
                     continue
                 elif kind in ("admitted", "refused"):
                     admission = self._admissions.get(message["id"])
                     if admission is not None and not admission.done():
                         admission.set_result(message)
+                    continue
+                elif kind == "found":
+                    missing = self._missing.pop(message["id"], None)
+                    if missing is not None and not missing.done():
+                        missing.set_result(None)
                     continue
                 elif kind == "scraped":
                     waiter = self._scrapes.pop(message["id"], None)
@@ -269,7 +293,7 @@ class DataPlaneProcess:
                     continue
                 else:
                     continue
-                writer.write(_line({"kind": "ack", "rev": message["rev"], "inflight": self._inflight()}))
+                writer.write(line({"kind": "ack", "rev": message["rev"], "inflight": self._inflight()}))
         except (ConnectionError, ValueError) as exc:
             log.warning("data plane %d: control channel broke (%s); draining", self.index, exc)
         finally:
@@ -286,12 +310,6 @@ class DataPlaneProcess:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close_transports()
-
-def _line(message: dict[str, Any]) -> bytes:
-    import orjson
-
-    return orjson.dumps(message) + b"\n"
-
 
 async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
     while not stop.is_set():

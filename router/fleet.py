@@ -19,6 +19,17 @@ progression is (step, when it started, verdicts, outcome) into the model's
 state; the others follow it (router/control/canary.py ``follow``), so a new
 leader continues at the step the old one had reached, with the time already
 spent in it counted, and an outcome is decided once.
+
+Passive routers (``workers.control: passive``) in front of the same servers
+also switch their default version together.  Only the leader's own choice
+(``choose_default``) moves the fleet: it writes ``fleet/switch/MODEL`` with
+the new version; every replica (watching ``fleet/switch/``) holds new
+unversioned requests of the model, polls its servers until it sees the
+version served, and acknowledges under ``fleet/acks/MODEL/``; once every
+live replica (``fleet/replicas/``) has (or after ``SWITCH_WAIT_S``), the
+leader writes the default into the model's state.  Each replica switches as
+it applies that one write and lets the held requests go: after any client
+saw the new version, no replica answers an unversioned request from the old.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +51,10 @@ log = logging.getLogger("router.fleet")
 
 LEADER_KEY = FLEET_PREFIX + "leader"
 WINDOWS = FLEET_PREFIX + "windows/"
+REPLICAS = FLEET_PREFIX + "replicas/"  # one key per live replica, with its lease
+SWITCHES = FLEET_PREFIX + "switch/"  # a default version the leader is moving the fleet to, per model
+ACKS = FLEET_PREFIX + "acks/"  # MODEL/REPLICA: that replica holds the model's unversioned requests
+SWITCH_WAIT_S = 1.5  # the leader waits this long at most for every replica to hold
 TTL_S = 3  # a dead leader's lease lapses after this; another takes over
 TICK_S = 0.5  # lease kept alive, leadership sought, windows published and read
 PUBLISHED_SAMPLES = 1000  # latencies per version and window a replica publishes
@@ -88,6 +104,7 @@ class Fleet:
         store = self.store
         if self._lease is None:
             self._lease = await store.call(lambda client: client.lease(TTL_S))
+            await self._put((store.prefix + REPLICAS + self.name).encode(), b"1")
         else:
             lease_id = self._lease.id
             reply = await store.call(lambda client: client.refresh_lease(lease_id))
@@ -126,6 +143,57 @@ class Fleet:
     async def _put(self, key: bytes, value: bytes) -> None:
         lease = self._lease
         await self.store.call(lambda client: client.put(key, value, lease=lease))
+
+    # -- a fleet-wide switch of the default version (passive routers: app.py) ------------------------
+
+    async def watch_switches(self, on_begin: Callable[[str, int, str], None]) -> None:
+        """Follow the leader's switches until cancelled: ``on_begin(model, version, switch_id)`` for each."""
+        store = self.store
+        key = (store.prefix + SWITCHES).encode()
+        while True:
+            try:
+                watch = await store.call(lambda client: client.watch_prefix(key))
+                async for event in watch:
+                    if str(event.kind).endswith("DELETE"):
+                        continue
+                    doc = json.loads(event.kv.value)
+                    on_begin(event.kv.key.decode()[len(key):], int(doc["to"]), str(doc["id"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("switch watch: %s", exc)
+            await asyncio.sleep(TICK_S)
+
+    async def begin_switch(self, model: str, version: int) -> str:
+        switch_id = f"{self.name}/{time.time_ns()}"
+        await self._put((self.store.prefix + SWITCHES + model).encode(),
+                        json.dumps({"to": version, "id": switch_id}).encode())
+        return switch_id
+
+    async def ack(self, model: str, switch_id: str) -> None:
+        await self._put((self.store.prefix + ACKS + model + "/" + self.name).encode(), switch_id.encode())
+
+    async def wait_acks(self, model: str, switch_id: str, timeout: float = SWITCH_WAIT_S) -> tuple[set[str], set[str]]:
+        """(replicas that hold, replicas alive) once every live replica holds, or after ``timeout``."""
+        prefix = self.store.prefix
+        end = time.monotonic() + timeout
+        while True:
+            found = await self.store.call(lambda client: client.get_prefix((prefix + FLEET_PREFIX).encode()))
+            alive, holding = set(), set()
+            for kv in found:
+                name = kv.key.decode()[len(prefix):]
+                if name.startswith(REPLICAS):
+                    alive.add(name[len(REPLICAS):])
+                elif name.startswith(ACKS + model + "/") and kv.value.decode() == switch_id:
+                    holding.add(name[len(ACKS + model + "/"):])
+            if alive <= holding or time.monotonic() > end:
+                return holding, alive
+            await asyncio.sleep(0.01)
+
+    async def end_switch(self, model: str) -> None:
+        prefix = self.store.prefix
+        await self.store.call(lambda client: client.delete((prefix + SWITCHES + model).encode()))
+        await self.store.call(lambda client: client.delete_prefix((prefix + ACKS + model + "/").encode()))
 
     def merged(self, model: str, step_started_at: float, own: dict[int, Window]) -> dict[int, Window]:
         """The fleet's windows of a step: this replica's ``own`` plus every other replica's of the same step."""

@@ -80,14 +80,16 @@ SHARES_FILE = "rest-connections"  # each data plane's open REST connections (fro
 REPUBLISH_S = 0.05  # the control plane looks for changes it was not told of this often
 RESTART_BACKOFF_S = (0.5, 10.0)
 READY_TIMEOUT_S = 60.0
+HOLD_MAX_S = 2.0  # a hold never released (the control plane died mid-switch) ends by itself
 
 
-def resolve_count(processes: int, spawned_workers: int = 0) -> int:
-    """``dataplane.processes``; 0 (auto): one per CPU this process may use that its spawned workers
-    leave (each worker keeps a core busy under load), at least 1, at most 8."""
+def resolve_count(processes: int) -> int:
+    """``dataplane.processes``; 0 (auto): one per CPU this process may use, at most 8.  The workers
+    are not subtracted: under load a data plane is busy ~0.65 of the time (it waits on its batches),
+    and on 2 cores with 2 workers 2 data planes served 1.4x what 1 did (README: "How many")."""
     if processes > 0:
         return processes
-    return max(1, min(8, len(os.sched_getaffinity(0)) - spawned_workers))
+    return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 # -- the snapshot ---------------------------------------------------------------------
@@ -211,8 +213,13 @@ def merge_expositions(texts: list[bytes]) -> bytes:
 # -- the wire -------------------------------------------------------------------------------
 
 
+def line(message: dict[str, Any]) -> bytes:
+    """One message on the control socket: a line of JSON."""
+    return orjson.dumps(message) + b"\n"
+
+
 async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    writer.write(orjson.dumps(message) + b"\n")
+    writer.write(line(message))
     await writer.drain()
 
 
@@ -404,6 +411,8 @@ class Hub:
                 ticket.release()
         elif kind == "scrape":
             self._spawn(self._scrape(link, message["id"]), f"scrape-{link.index}")
+        elif kind == "missing":
+            self._spawn(self._find_missing(link, message), f"missing-{link.index}")
         elif kind == "exposition":
             waiter = self._expositions.pop(message["id"], None)
             if waiter is not None and not waiter.done():
@@ -413,6 +422,19 @@ class Hub:
             link.answered += len(answers)
             for model, version, code, seconds in answers:
                 self.app.record_answer(model, version, code, seconds)
+
+    async def _find_missing(self, link: _Link, message: dict[str, Any]) -> None:
+        """A worker answered a data plane NOT_FOUND for a version (passive control: it unloaded it):
+        the workers read again (PassiveSync.version_missing), the new state published, then the answer,
+        after that state on the same stream, so the data plane retries against it."""
+        backend = next((b for b in self.app.pool.backends if b.name == message["worker"]), None)
+        try:
+            if backend is not None:
+                await self.app.pool.version_missing(backend, message["model"], int(message["version"]))
+            await self._publish_now()
+        finally:
+            if not link.writer.is_closing():
+                link.writer.write(line({"kind": "found", "id": message["id"]}))
 
     async def _admit(self, link: _Link, message: dict[str, Any]) -> None:
         """A data plane's request of a tenant or model with a quota: decided here, for the whole router."""
@@ -504,8 +526,24 @@ class Hub:
         self._sent_state = state
         await self._broadcast({"kind": "state", "rev": self.revision, "state": state, "release": moved})
 
+    async def hold(self, models: list[str]) -> None:
+        """Every data plane holds new unversioned requests of ``models`` (a fleet-wide switch: app.py)
+        until a state that releases them, or for HOLD_MAX_S."""
+        async with self._publish_lock:
+            self.revision += 1
+            await self._broadcast({"kind": "hold", "rev": self.revision, "models": models})
+            await self._wait_acked(self.revision, timeout=2.0)
+
+    async def release(self, models: list[str]) -> None:
+        async with self._publish_lock:
+            if self._sent_state is None:
+                return
+            self.revision += 1
+            await self._broadcast({"kind": "state", "rev": self.revision, "state": self._sent_state,
+                                   "release": models})
+
     async def _broadcast(self, message: dict[str, Any]) -> None:
-        data = orjson.dumps(message) + b"\n"
+        data = line(message)
         for link in list(self._links.values()):
             try:
                 link.writer.write(data)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.config import ConfigError
+from router.config import ConfigError, WorkerTlsConfig
 
 log = logging.getLogger("router.state")
 
@@ -190,6 +190,40 @@ def _from_key_docs(docs: dict[str, Any]) -> State:
     return state
 
 
+def _tls_client(cfg: WorkerTlsConfig) -> Any:
+    """An aetcd client class whose channel is TLS (aetcd itself opens plaintext channels only)."""
+    import aetcd  # type: ignore[import-untyped]
+    import grpc
+    from aetcd import rpc, watcher
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    class TlsClient(aetcd.Client):  # type: ignore[misc]
+        async def connect(self) -> None:
+            if self._connected.is_set():
+                return
+            credentials = grpc.ssl_channel_credentials(root_certificates=read(cfg.ca_file),
+                                                       private_key=read(cfg.key_file),
+                                                       certificate_chain=read(cfg.cert_file))
+            options = [*self._options.items(), *([("grpc.ssl_target_name_override", cfg.server_name)]
+                                                 if cfg.server_name else [])]
+            self.channel = rpc.secure_channel(f"{self._host}:{self._port}", credentials, options=options)
+            if self._username is not None:
+                reply = await rpc.AuthStub(self.channel).Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                self.metadata = (("token", reply.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                            metadata=self.metadata)
+            self._connected.set()
+
+    return TlsClient
+
+
 class EtcdStore:
     """The runtime state in etcd under ``prefix``, one key per model and one for drains.
 
@@ -201,11 +235,14 @@ class EtcdStore:
     up from the whole prefix when it is back.
     """
 
-    def __init__(self, endpoints: tuple[str, ...], prefix: str) -> None:
+    def __init__(self, endpoints: tuple[str, ...], prefix: str, tls: WorkerTlsConfig | None = None,
+                 username: str = "", password_file: str = "") -> None:
+        self.tls = tls if tls is not None and tls.enabled else None
+        self.username, self.password_file = username, password_file
         host, _, port = endpoints[0].rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port or 2379)
         self.prefix = prefix.rstrip("/") + "/"
-        self.path = f"etcd://{self.host}:{self.port}{self.prefix}"
+        self.path = f"{'etcds' if self.tls else 'etcd'}://{self.host}:{self.port}{self.prefix}"
         self.revisions: dict[str, int] = {}  # key -> mod revision last seen (0: absent)
         self.docs: dict[str, Any] = {}
         self.stale = True
@@ -213,11 +250,16 @@ class EtcdStore:
         self._lag = float(os.environ.get(WATCH_LAG_ENV, "0") or 0)
 
     async def _connected(self) -> Any:
-        import aetcd  # type: ignore[import-untyped]
+        import aetcd
 
         if self._client is None:
-            client = aetcd.Client(self.host, self.port, timeout=2, connect_wait_timeout=2)
             try:
+                # read at each connection: rotated certificates and passwords are picked up
+                password = Path(self.password_file).read_text().strip() if self.password_file else None
+                kwargs = {"username": self.username or None, "password": password, "timeout": 2,
+                          "connect_wait_timeout": 2}
+                client = (aetcd.Client(self.host, self.port, **kwargs) if self.tls is None
+                          else _tls_client(self.tls)(self.host, self.port, **kwargs))
                 await client.connect()
             except Exception as exc:
                 raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {exc}") from None

@@ -253,7 +253,7 @@ OWN_FLAGS: tuple[Flag, ...] = (
     Flag("workers", "int", "2", OWN, "worker processes to spawn (`workers.count`)",
          target="workers.count", minimum=1),
     Flag("processes", "int", "1", OWN, "data-plane processes sharing the ports (`dataplane.processes`; 0: one "
-         "per CPU)", target="dataplane.processes", minimum=0),
+         "per CPU, 1 to 8)", target="dataplane.processes", minimum=0),
     Flag("numa", "bool", "true", OWN,
          "pin each worker to one NUMA node's CPUs and memory (`workers.numa`); --no_numa or --numa=false turns "
          "it off", target="workers.numa"),

@@ -67,6 +67,10 @@ class PassiveSync:
         self.interval = config.workers.status_poll_s
         self.rpc_timeout = rpc_timeout
         self._on_change = on_change or (lambda: None)
+        # What the default becomes, given (model, current, the version choose_default picked, the versions
+        # served): that choice alone, or, in a fleet on etcd, the one its leader decided (app.py).
+        self.decide: Callable[[str, int | None, int | None, set[int]], int | None] = \
+            lambda model, current, proposed, served: proposed
         self._wake = asyncio.Event()
         self._stopping = False
         self._started = 0  # polls begun, and polls applied (version_missing waits on these)
@@ -160,7 +164,9 @@ class PassiveSync:
             self.registry.aspired[m.name] = tuple(sorted(coming))
             kind, numbers = m.policy()
             allowed = numbers if kind == "specific" else None
-            self.registry.switch(m.name, choose_default(self.registry.default.get(m.name), counts, allowed))
+            current = self.registry.default.get(m.name)
+            proposed = choose_default(current, counts, allowed)
+            self.registry.switch(m.name, self.decide(m.name, current, proposed, {v for v, n in counts.items() if n}))
         self.pool.fail_waiters()  # requests waiting for a version no worker reports any more
         self.pool.wake()  # and those waiting for one a worker in rotation reports now
         self._on_change()

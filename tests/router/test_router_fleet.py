@@ -25,8 +25,11 @@ T = TypeVar("T")
 
 
 
-def test_passive_router_follows_workers_that_load_versions_themselves(model_root: Path, tmp_path: Path,
-                                                                       logs_dir: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-dataplanes"])
+def test_passive_router_follows_workers_that_load_versions_themselves(processes: int, model_root: Path,
+                                                                       tmp_path: Path, logs_dir: Path) -> None:
+    """With two data planes, a worker's NOT_FOUND for the version it just unloaded reaches the control
+    plane, which reads the workers again before the data plane retries (router/procs.py)."""
     base = tmp_path / "ctr"
     base.mkdir()
     shutil.copytree(model_root / "ctr" / "1", base / "1")
@@ -39,6 +42,7 @@ def test_passive_router_follows_workers_that_load_versions_themselves(model_root
             "models": [{"name": "ctr", "base_path": str(base)}],
             "workers": {"mode": "static", "control": "passive", "status_poll_s": 0.2,
                         "addresses": [s.address for s in servers]},
+            "dataplane": {"processes": processes},
         }, log_dir=logs_dir)
         router.wait_ready()
         with SteadyLoad(router.channel, predict_request("ctr", INPUTS), clients=3) as load:

@@ -141,8 +141,10 @@ def test_unknown_backends_are_refused(backend: str) -> None:
 class Etcd:
     """A real etcd member (Debian's etcd-server) on free ports, its data in a temporary directory."""
 
-    def __init__(self, data_dir: Path, log_dir: Path) -> None:
+    def __init__(self, data_dir: Path, log_dir: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
         import socket
+
+        self.tls = tls  # (CA, certificate, key): clients must present a certificate that CA signed
 
         binary = shutil.which("etcd")
         if binary is None:
@@ -164,9 +166,13 @@ class Etcd:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        scheme = "https" if self.tls else "http"
+        tls = ["--trusted-ca-file", str(self.tls[0]), "--cert-file", str(self.tls[1]), "--key-file", str(self.tls[2]),
+               "--client-cert-auth"] if self.tls else []
         self.proc = subprocess.Popen(
-            [self.binary, "--data-dir", str(self.data_dir), "--name", "t",
-             "--listen-client-urls", f"http://{self.endpoint}", "--advertise-client-urls", f"http://{self.endpoint}",
+            [self.binary, "--data-dir", str(self.data_dir), "--name", "t", *tls,
+             "--listen-client-urls", f"{scheme}://{self.endpoint}",
+             "--advertise-client-urls", f"{scheme}://{self.endpoint}",
              "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
              "--initial-cluster", f"t=http://127.0.0.1:{self.peer_port}"],
@@ -420,3 +426,129 @@ def test_the_fleets_leader_judges_the_fleets_traffic_and_another_takes_over(mode
             load.__exit__()
         for r in routers:
             r.terminate()
+
+
+def test_etcd_over_mutual_tls_with_a_user_and_password(model_root: Path, tmp_path: Path, logs_dir: Path) -> None:
+    """state.tls, state.username and state.password_file against a member that requires client
+    certificates and has authentication on; a wrong password: the store is unreachable (503), the
+    router serves on."""
+    import asyncio
+
+    import grpc
+    import trustme
+    from aetcd import rpc
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for who, name in (("server", "127.0.0.1"), ("client", "tfs-router")):
+        cert = ca.issue_cert(name)
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / f"{who}.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / f"{who}.key"))
+    member = Etcd(tmp_path / "etcd", logs_dir, tls=(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"))
+
+    async def enable_auth() -> None:  # etcdctl user add root; role add root; user grant-role; auth enable
+        creds = grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes(), (tmp_path / "client.key").read_bytes(),
+                                             (tmp_path / "client.pem").read_bytes())
+        async with grpc.aio.secure_channel(member.endpoint, creds) as channel:
+            auth = rpc.AuthStub(channel)
+            await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password="s3cret"), timeout=10)
+            await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"), timeout=10)
+            await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=10)
+            await auth.AuthEnable(rpc.AuthEnableRequest(), timeout=10)
+
+    routers: list[RouterProcess] = []
+    try:
+        asyncio.run(enable_auth())
+        (tmp_path / "password").write_text("s3cret\n")
+        (tmp_path / "wrong").write_text("guess\n")
+        config = etcd_config(model_root, member)
+        config["state"].update({"tls": {"enabled": True, "ca_file": str(tmp_path / "ca.pem"),
+                                        "cert_file": str(tmp_path / "client.pem"),
+                                        "key_file": str(tmp_path / "client.key")},
+                                "username": "root", "password_file": str(tmp_path / "password")})
+        wrong = json.loads(json.dumps(config))
+        wrong["state"]["password_file"] = str(tmp_path / "wrong")
+        routers = [RouterProcess(config, log_dir=logs_dir), RouterProcess(wrong, log_dir=logs_dir)]
+        for r in routers:
+            r.wait_ready()
+        good, bad = routers
+        assert good.admin("POST", "/v1/admin/models/ctr/canary", {"weight": 30})[0] == 200
+        assert not good.status()["state"]["stale"]
+        assert good.status()["state"]["file"].startswith("etcds://")
+        code, body = bad.admin("POST", "/v1/admin/models/ctr/canary", {"weight": 40})
+        assert code == 503 and "state store is unreachable" in body["error"], body
+        assert bad.status()["state"]["stale"]
+        # the good router's write is in the store: a replica started now has it
+        third = RouterProcess(config, log_dir=logs_dir)
+        routers.append(third)
+        third.wait_ready()
+        wait_for(lambda: weights(third) == weights(good), "the new replica to read the weight", timeout=30)
+    finally:
+        for r in routers:
+            r.terminate()
+        member.stop()
+        member.log.close()
+
+
+def test_a_passive_fleet_switches_its_default_version_at_one_revision(model_root: Path, etcd: Etcd, tmp_path: Path,
+                                                                      logs_dir: Path) -> None:
+    """Two passive routers on one etcd in front of the same two servers, which load a new version by
+    themselves: a client that asks the two routers in turn never gets the old version after the new
+    one (each router polls on its own schedule: alone, one switches up to a poll before the other)."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from tests.support import TEST_VOCAB, WorkerProcess, predict_request
+    from workers.demo_model import example_inputs
+
+    base = tmp_path / "ctr"
+    base.mkdir()
+    shutil.copytree(model_root / "ctr" / "1", base / "1")
+    # one server takes the new version well before the other, and each router reads them once a second:
+    # alone, the routers would switch up to a second apart
+    servers = [WorkerProcess("--model", f"ctr={base}", "--file-system-poll-wait-seconds", poll, log_dir=logs_dir)
+               for poll in ("2", "0.3")]  # the slow one first: with no load, a router picks it
+    config = {"models": [{"name": "ctr", "base_path": str(base)}],
+              "workers": {"mode": "static", "control": "passive", "status_poll_s": 1.0,
+                          "addresses": [s.address for s in servers]},
+              "state": {"backend": "etcd", "endpoints": [etcd.endpoint], "prefix": "/p/"}}
+    routers: list[RouterProcess] = []
+    try:
+        routers = [RouterProcess(config, log_dir=logs_dir) for _ in range(2)]
+        for r in routers:
+            r.wait_ready()
+        wait_for(lambda: sum(r.status()["state"]["fleet"]["leading"] for r in routers) == 1, "a leader")
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(r.channel) for r in routers]
+        request = predict_request("ctr", example_inputs(1, vocab=TEST_VOCAB))
+        answers: list[tuple[int, int]] = []  # (router, version), in the order the client got them
+        failures: list[str] = []
+
+        def ask(n: int) -> None:
+            for i in range(n):
+                try:
+                    answers.append((i % 2, stubs[i % 2].Predict(request, timeout=30).model_spec.version.value))
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+        ask(20)
+        copy_in(model_root / "ctr" / "2", base, 2, tmp_path)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and [v for _, v in answers[-40:]] != [2] * 40:
+            ask(20)
+        assert not failures, failures[:5]
+        versions = [v for _, v in answers]
+        first_new = versions.index(2)
+        assert set(versions[first_new:]) == {2}, ("the old version after the new one", answers[first_new - 4:][:60])
+        # both switched at the one store revision the leader wrote
+        revisions = []
+        for r in routers:
+            lines = [line for line in r.log_path.read_text(errors="replace").splitlines()
+                     if "the fleet's default is version 2 (store revision" in line]
+            assert lines, r.log()
+            revisions.append(lines[-1].rsplit("revision ", 1)[1].rstrip(")"))
+        assert revisions[0] == revisions[1] != "None", revisions
+    finally:
+        for r in routers:
+            r.terminate()
+        for s in servers:
+            s.terminate()
