@@ -165,6 +165,9 @@ class App:
         if self.fleet is not None and self.passive is not None:
             self.passive.decide = self._decide_default
         self.metrics.track_control(self._state_families)
+        if isinstance(self.store, EtcdStore):
+            store = self.store
+            self.rest.readiness_detail = lambda: {"state_store": "stale" if store.stale else "ok"}
         self._config_routing = {m.name: self.canary.get(m.name) for m in config.models}
         self.admin.after_command = self._after_command
         self.admin.reset_state = self.reset_state

@@ -101,6 +101,7 @@ class RestFrontend:
         self.shared_listener: tuple[socket.socket, ConnectionShares, int] | None = None
         self._acceptor: BalancedAcceptor | None = None
         self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
+        self.readiness_detail: Callable[[], dict[str, Any]] | None = None
         self.dp = dataplane
         self.control = control
         self.metrics = metrics
@@ -216,7 +217,10 @@ class RestFrontend:
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = self.accepting and self.control.ready()
         available = {m.name: sorted(self.control.pool.available_versions(m.name)) for m in self.config.models}
-        body = orjson.dumps({"ready": ready, "available_versions": available})
+        doc: dict[str, Any] = {"ready": ready, "available_versions": available}
+        if self.readiness_detail is not None:  # e.g. the state store's (router/app.py); serving goes on
+            doc.update(self.readiness_detail())
+        body = orjson.dumps(doc)
         return web.Response(body=body, status=200 if ready else 503, content_type=JSON)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -70,14 +70,19 @@ def test_a_canary_weight_and_a_drain_survive_a_restart(model_root: Path, tmp_pat
         assert router.terminate() == 0, router.log()
 
 
-def test_a_pin_and_a_failed_version_survive_a_restart(model_root: Path, tmp_path: Path, logs_dir: Path) -> None:
+@pytest.mark.parametrize("backend", ["file", "etcd"])
+def test_a_pin_and_a_failed_version_survive_a_restart(backend: str, model_root: Path, tmp_path: Path,
+                                                      logs_dir: Path, request: pytest.FixtureRequest) -> None:
     base = tmp_path / "ctr"
     base.mkdir()
     for v in (1, 2):
         copy_in(model_root / "ctr" / str(v), base, v, tmp_path)
     state_dir = tmp_path / "state"
-    config = {"models": [{"name": "ctr", "base_path": str(base)}], "workers": {"count": 1},
-              "poll_interval_s": 0.2, "state": {"dir": str(state_dir)}}
+    config: dict[str, Any] = {"models": [{"name": "ctr", "base_path": str(base)}], "workers": {"count": 1},
+                              "poll_interval_s": 0.2, "state": {"dir": str(state_dir)}}
+    if backend == "etcd":
+        config["state"] = {"backend": "etcd", "endpoints": [request.getfixturevalue("etcd").endpoint],
+                           "prefix": "/pins/"}
     router = RouterProcess(config, log_dir=logs_dir)
     try:
         router.wait_ready()
@@ -95,8 +100,11 @@ def test_a_pin_and_a_failed_version_survive_a_restart(model_root: Path, tmp_path
         wait_for(lambda: router.status()["models"][0]["pinned"] == [1] and router.status()["rollout"] is None,
                  "the pin on 1", timeout=120)
         time.sleep(1.5)  # the router's own changes (the failed mark) are written within a second
-        saved = json.loads((state_dir / "state.json").read_text())["models"]["ctr"]
-        assert saved["pinned"]["value"] == [1] and "3" in saved["failed"], saved
+        if backend == "file":
+            saved = json.loads((state_dir / "state.json").read_text())["models"]["ctr"]
+            assert saved["pinned"]["value"] == [1] and "3" in saved["failed"], saved
+        kept = router.status()["state"]["models"]["ctr"]  # what the store holds, who set it and when
+        assert kept["pinned"]["by"].startswith("admin ") and "3" in kept["failed"], kept
     finally:
         assert router.terminate() == 0, router.log()
 
@@ -252,6 +260,8 @@ def test_replicas_on_one_etcd_agree_and_keep_it_over_a_restart(model_root: Path,
                 "POST", "/v1/admin/models/ctr/canary", {"weight": 40})[0] == 503, "the store to be seen down")
             code, body = routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 40})
             assert code == 503 and "state store is unreachable" in body["error"], body
+            code, ready, _ = routers[0].get("/readyz")  # still ready: it serves on; the detail says why not all is well
+            assert code == 200 and json.loads(ready)["state_store"] == "stale", ready
             assert weights(routers[0]) == raised  # the refused command is undone here
             etcd.start()
             wait_for(lambda: routers[0].admin("POST", "/v1/admin/models/ctr/canary", {"weight": 20})[0] == 200,
