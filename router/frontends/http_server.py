@@ -147,6 +147,9 @@ class RestFrontend:
                     # Admitted before the body is even read: a refused request costs nothing more.
                     r.ticket = await self.admission.admit(self._tenant(request), r.model, deadline)
                     body, headers = await self._predict(request, _spec(r.model, version, label), deadline)
+                elif request.method == "GET" and path.rstrip("/") == "/v1/models":
+                    r.api = "ListModels"  # TF Serving answers this path as malformed (tensorflow/serving#795)
+                    body = orjson.dumps({"models": [self._listing(m.name) for m in self.config.models]})
                 elif request.method == "GET":
                     m = _MODEL.fullmatch(path)
                     if m is None or m.group(1) is None:
@@ -213,6 +216,19 @@ class RestFrontend:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status": "ok"}', content_type=JSON)
+
+    def _listing(self, model: str) -> dict[str, Any]:
+        """One model in ``GET /v1/models``: its versions' states (as GetModelStatus words them), the
+        version unversioned requests get, and its labels."""
+        try:
+            status = _to_json(self.dp.status(status_pb2.GetModelStatusRequest(
+                model_spec=model_pb2.ModelSpec(name=model))))
+        except NotFound:  # no version loaded anywhere yet
+            status = {"model_version_status": []}
+        default = self.control.default.get(model)
+        return {"name": model, "default_version": str(default) if default is not None else None,
+                "labels": {label: str(v) for label, v in sorted(self.control.labels.get(model, {}).items())},
+                **status}
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = self.accepting and self.control.ready()

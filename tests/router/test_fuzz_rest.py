@@ -80,7 +80,8 @@ EXPECTED_OPERATIONS = sorted(
     + [("GET", f"/v1/models/{{model}}{prefix}{suffix}")
        for prefix in ("", "/versions/{version}", "/labels/{label}")
        for suffix in ("", "/metadata")]
-    + [("GET", path) for path in ("/healthz", "/readyz", "/metrics", "/monitoring/prometheus/metrics", SPEC_URL)]
+    + [("GET", path) for path in ("/v1/models", "/healthz", "/readyz", "/metrics", "/monitoring/prometheus/metrics",
+                                  SPEC_URL)]
 )
 
 

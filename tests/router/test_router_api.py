@@ -179,6 +179,23 @@ def test_rest_status_and_metadata(router: RouterProcess, direct: WorkerProcess) 
     assert status == 200 and orjson.loads(body)["model_spec"]["version"] == "2"
 
 
+def test_rest_lists_every_model(router: RouterProcess) -> None:
+    """GET /v1/models (TF Serving answers it as malformed: tensorflow/serving#795)."""
+    ok = {"error_code": "OK", "error_message": ""}
+    for path in ("/v1/models", "/v1/models/"):
+        status, body, _ = router.get(path)
+        assert status == 200, body
+        models = orjson.loads(body)["models"]
+        assert [m["name"] for m in models] == ["ctr", "strings"]
+        ctr = models[0]
+        assert ctr["model_version_status"] == [{"version": "1", "state": "AVAILABLE", "status": ok},
+                                               {"version": "2", "state": "AVAILABLE", "status": ok}]
+        assert ctr["default_version"] == "2" and ctr["labels"] == {"canary": "2", "stable": "1"}
+        # each entry is what the model's own status answers
+        assert {"model_version_status": models[1]["model_version_status"]} == orjson.loads(
+            router.get("/v1/models/strings")[1])
+
+
 REST_ERRORS = [
     ("unknown model", "/v1/models/nope:predict", {"instances": [1]}, 404),
     ("unknown version", "/v1/models/ctr/versions/9:predict", {"instances": [1]}, 404),
