@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import status_pb2 as protos_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/config.proto\x12\ttfsrouter\x1a\x13protos/status.proto\"\x9c\x02\n\x15ServableVersionPolicy\x12\x39\n\x06latest\x18\x64 \x01(\x0b\x32\'.tfsrouter.ServableVersionPolicy.LatestH\x00\x12\x33\n\x03\x61ll\x18\x65 \x01(\x0b\x32$.tfsrouter.ServableVersionPolicy.AllH\x00\x12=\n\x08specific\x18\x66 \x01(\x0b\x32).tfsrouter.ServableVersionPolicy.SpecificH\x00\x1a\x1e\n\x06Latest\x12\x14\n\x0cnum_versions\x18\x01 \x01(\r\x1a\x05\n\x03\x41ll\x1a\x1c\n\x08Specific\x12\x10\n\x08versions\x18\x01 \x03(\x03\x42\x0f\n\rpolicy_choice\"\xff\x01\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbase_path\x18\x02 \x01(\t\x12\x16\n\x0emodel_platform\x18\x04 \x01(\t\x12>\n\x14model_version_policy\x18\x07 \x01(\x0b\x32 .tfsrouter.ServableVersionPolicy\x12\x41\n\x0eversion_labels\x18\x08 \x03(\x0b\x32).tfsrouter.ModelConfig.VersionLabelsEntry\x1a\x34\n\x12VersionLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"9\n\x0fModelConfigList\x12&\n\x06\x63onfig\x18\x01 \x03(\x0b\x32\x16.tfsrouter.ModelConfig\"V\n\x11ModelServerConfig\x12\x37\n\x11model_config_list\x18\x01 \x01(\x0b\x32\x1a.tfsrouter.ModelConfigListH\x00\x42\x08\n\x06\x63onfig\"Y\n\x13ReloadConfigRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.tfsrouter.ModelServerConfig\x12\x14\n\x0cmetric_names\x18\x02 \x03(\t\">\n\x14ReloadConfigResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.tfsrouter.StatusProtob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/config.proto\x12\ttfsrouter\x1a\x13protos/status.proto\"\x9c\x02\n\x15ServableVersionPolicy\x12\x39\n\x06latest\x18\x64 \x01(\x0b\x32\'.tfsrouter.ServableVersionPolicy.LatestH\x00\x12\x33\n\x03\x61ll\x18\x65 \x01(\x0b\x32$.tfsrouter.ServableVersionPolicy.AllH\x00\x12=\n\x08specific\x18\x66 \x01(\x0b\x32).tfsrouter.ServableVersionPolicy.SpecificH\x00\x1a\x1e\n\x06Latest\x12\x14\n\x0cnum_versions\x18\x01 \x01(\r\x1a\x05\n\x03\x41ll\x1a\x1c\n\x08Specific\x12\x10\n\x08versions\x18\x01 \x03(\x03\x42\x0f\n\rpolicy_choice\";\n\x12LogCollectorConfig\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x17\n\x0f\x66ilename_prefix\x18\x02 \x01(\t\";\n\x0eSamplingConfig\x12\x15\n\rsampling_rate\x18\x01 \x01(\x01\x12\x12\n\nattributes\x18\x02 \x01(\x05\"\x80\x01\n\rLoggingConfig\x12;\n\x14log_collector_config\x18\x01 \x01(\x0b\x32\x1d.tfsrouter.LogCollectorConfig\x12\x32\n\x0fsampling_config\x18\x02 \x01(\x0b\x32\x19.tfsrouter.SamplingConfig\"\xb1\x02\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbase_path\x18\x02 \x01(\t\x12\x16\n\x0emodel_platform\x18\x04 \x01(\t\x12\x30\n\x0elogging_config\x18\x06 \x01(\x0b\x32\x18.tfsrouter.LoggingConfig\x12>\n\x14model_version_policy\x18\x07 \x01(\x0b\x32 .tfsrouter.ServableVersionPolicy\x12\x41\n\x0eversion_labels\x18\x08 \x03(\x0b\x32).tfsrouter.ModelConfig.VersionLabelsEntry\x1a\x34\n\x12VersionLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"9\n\x0fModelConfigList\x12&\n\x06\x63onfig\x18\x01 \x03(\x0b\x32\x16.tfsrouter.ModelConfig\"V\n\x11ModelServerConfig\x12\x37\n\x11model_config_list\x18\x01 \x01(\x0b\x32\x1a.tfsrouter.ModelConfigListH\x00\x42\x08\n\x06\x63onfig\"Y\n\x13ReloadConfigRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.tfsrouter.ModelServerConfig\x12\x14\n\x0cmetric_names\x18\x02 \x03(\t\">\n\x14ReloadConfigResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.tfsrouter.StatusProtob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +42,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVABLEVERSIONPOLICY_ALL']._serialized_end=293
   _globals['_SERVABLEVERSIONPOLICY_SPECIFIC']._serialized_start=295
   _globals['_SERVABLEVERSIONPOLICY_SPECIFIC']._serialized_end=323
-  _globals['_MODELCONFIG']._serialized_start=343
-  _globals['_MODELCONFIG']._serialized_end=598
-  _globals['_MODELCONFIG_VERSIONLABELSENTRY']._serialized_start=546
-  _globals['_MODELCONFIG_VERSIONLABELSENTRY']._serialized_end=598
-  _globals['_MODELCONFIGLIST']._serialized_start=600
-  _globals['_MODELCONFIGLIST']._serialized_end=657
-  _globals['_MODELSERVERCONFIG']._serialized_start=659
-  _globals['_MODELSERVERCONFIG']._serialized_end=745
-  _globals['_RELOADCONFIGREQUEST']._serialized_start=747
-  _globals['_RELOADCONFIGREQUEST']._serialized_end=836
-  _globals['_RELOADCONFIGRESPONSE']._serialized_start=838
-  _globals['_RELOADCONFIGRESPONSE']._serialized_end=900
+  _globals['_LOGCOLLECTORCONFIG']._serialized_start=342
+  _globals['_LOGCOLLECTORCONFIG']._serialized_end=401
+  _globals['_SAMPLINGCONFIG']._serialized_start=403
+  _globals['_SAMPLINGCONFIG']._serialized_end=462
+  _globals['_LOGGINGCONFIG']._serialized_start=465
+  _globals['_LOGGINGCONFIG']._serialized_end=593
+  _globals['_MODELCONFIG']._serialized_start=596
+  _globals['_MODELCONFIG']._serialized_end=901
+  _globals['_MODELCONFIG_VERSIONLABELSENTRY']._serialized_start=849
+  _globals['_MODELCONFIG_VERSIONLABELSENTRY']._serialized_end=901
+  _globals['_MODELCONFIGLIST']._serialized_start=903
+  _globals['_MODELCONFIGLIST']._serialized_end=960
+  _globals['_MODELSERVERCONFIG']._serialized_start=962
+  _globals['_MODELSERVERCONFIG']._serialized_end=1048
+  _globals['_RELOADCONFIGREQUEST']._serialized_start=1050
+  _globals['_RELOADCONFIGREQUEST']._serialized_end=1139
+  _globals['_RELOADCONFIGRESPONSE']._serialized_start=1141
+  _globals['_RELOADCONFIGRESPONSE']._serialized_end=1203
 # @@protoc_insertion_point(module_scope)

@@ -22,18 +22,22 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos import config_pb2 as protos_dot_config__pb2
+from protos import model_pb2 as protos_dot_model__pb2
 from protos import predict_pb2 as protos_dot_predict__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/prediction_log.proto\x12\ttfsrouter\x1a\x14protos/predict.proto\"f\n\nPredictLog\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.tfsrouter.PredictRequest\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.tfsrouter.PredictResponse\"I\n\rPredictionLog\x12,\n\x0bpredict_log\x18\x06 \x01(\x0b\x32\x15.tfsrouter.PredictLogH\x00\x42\n\n\x08log_typeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/prediction_log.proto\x12\ttfsrouter\x1a\x13protos/config.proto\x1a\x12protos/model.proto\x1a\x14protos/predict.proto\"\x85\x01\n\x0bLogMetadata\x12(\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x14.tfsrouter.ModelSpec\x12\x32\n\x0fsampling_config\x18\x02 \x01(\x0b\x32\x19.tfsrouter.SamplingConfig\x12\x18\n\x10saved_model_tags\x18\x03 \x03(\t\"f\n\nPredictLog\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.tfsrouter.PredictRequest\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.tfsrouter.PredictResponse\"w\n\rPredictionLog\x12,\n\x0clog_metadata\x18\x01 \x01(\x0b\x32\x16.tfsrouter.LogMetadata\x12,\n\x0bpredict_log\x18\x06 \x01(\x0b\x32\x15.tfsrouter.PredictLogH\x00\x42\n\n\x08log_typeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.prediction_log_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREDICTLOG']._serialized_start=64
-  _globals['_PREDICTLOG']._serialized_end=166
-  _globals['_PREDICTIONLOG']._serialized_start=168
-  _globals['_PREDICTIONLOG']._serialized_end=241
+  _globals['_LOGMETADATA']._serialized_start=106
+  _globals['_LOGMETADATA']._serialized_end=239
+  _globals['_PREDICTLOG']._serialized_start=241
+  _globals['_PREDICTLOG']._serialized_end=343
+  _globals['_PREDICTIONLOG']._serialized_start=345
+  _globals['_PREDICTIONLOG']._serialized_end=464
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,7 @@ from router.frontends.http_server import RestFrontend
 from router.frontends.shutdown import drain_and_stop
 from router.metrics import Metrics
 from router.pool import DEAD, DRAINING, READY, STARTING, Backend, Pool
+from router import reqlog
 from router.frontends.balanced import listening_socket
 from router.fleet import Fleet, identity as fleet_identity
 from router.procs import HOLD_MAX_S, Hub, reserve_port, resolve_count
@@ -136,6 +137,9 @@ class App:
         self._models_loader: tuple[Callable[[], tuple[ModelConfig, ...]], float] | None = None
         # dataplane.processes > 1: the frontends run in data-plane processes (router/procs.py)
         self.processes = resolve_count(config.dataplane.processes)
+        # Request logs (router/reqlog.py): written by whichever process answers (each data plane its own)
+        self.request_logs = reqlog.attach(self.dataplane, self.metrics, config.models) if self.processes == 1 \
+            else None
         self.hub: Hub | None = None
         self._reserved: list[Any] = []
         self.registry.on_switch = self._state_changed
@@ -748,6 +752,8 @@ class App:
             part.set_models(config)
         if self.passive is not None:
             self.passive.config = config
+        if self.request_logs is not None:
+            self.request_logs.follow(config.models)
         for name in removed:
             self.pool.fail_waiters(name)
         log.info("models reconfigured: added %s, removed %s, changed %s", added or "none", removed or "none",
@@ -863,6 +869,8 @@ class App:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close_transports()
+        if self.request_logs is not None:
+            await asyncio.to_thread(self.request_logs.close)  # what is queued is written
         if self.supervisor is not None:
             await self.supervisor.stop(timeout=grace)
         for sock in self._reserved:

@@ -239,6 +239,18 @@ class QuotasConfig:
 
 
 @dataclass(frozen=True)
+class RequestLogConfig:
+    """Request logging (router/reqlog.py): TF Serving's LoggingConfig, and where the files go."""
+
+    sampling_rate: float = 0.0  # the share of requests logged, 0 to 1 (0: off)
+    filename_prefix: str = ""  # files PREFIX.UNIXMS.PID.tfrecord (a relative prefix: from the working directory)
+    max_file_bytes: int = 64 << 20  # a file is closed past this size ...
+    max_file_age_s: float = 600.0  # ... or age
+    max_total_bytes: int = 1 << 30  # the oldest files of the prefix go past this total
+    max_queued: int = 4096  # records waiting for the writer; past it they are dropped (and counted)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     base_path: str
@@ -247,6 +259,7 @@ class ModelConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)
+    logging: RequestLogConfig = field(default_factory=RequestLogConfig)
 
     def policy(self) -> tuple[str, tuple[int, ...]]:
         """(kind, numbers): ("latest", (N,)), ("all", ()), ("specific", (v, ...))."""
@@ -472,6 +485,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{where}.version_policy: {m.version_policy!r} (use latest, latest:N, all or specific:V[,V...])"
             ) from None
+        lg = m.logging
+        if not 0.0 <= lg.sampling_rate <= 1.0:
+            raise ConfigError(f"{where}.logging.sampling_rate: {lg.sampling_rate} (a share from 0 to 1)")
+        if lg.sampling_rate > 0 and not lg.filename_prefix:
+            raise ConfigError(f"{where}.logging.filename_prefix: needed when sampling_rate is above 0")
+        for key in ("max_file_bytes", "max_total_bytes", "max_queued"):
+            if getattr(lg, key) < 1:
+                raise ConfigError(f"{where}.logging.{key}: must be at least 1")
+        if lg.max_file_age_s <= 0:
+            raise ConfigError(f"{where}.logging.max_file_age_s: must be greater than 0")
         b = m.batching
         for key in ("max_batch_size", "max_inflight_batches", "max_enqueued"):
             if getattr(b, key) < 1:

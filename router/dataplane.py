@@ -57,6 +57,8 @@ class DataPlane:
         # Every Predict answered, with the version that answered (or was chosen):
         # per-version metrics and the canary analysis read these.
         self.on_answer = on_answer or (lambda model, version, code, seconds: None)
+        # Answered requests, for the request logs (router/reqlog.py): (request, response, version)
+        self.tap: Callable[[predict_pb2.PredictRequest, predict_pb2.PredictResponse, int], None] | None = None
         self._clock = clock
         self.max_tensor_elements = control.config.limits.max_tensor_elements if control is not None else 1 << 62
 
@@ -111,6 +113,8 @@ class DataPlane:
             raise
         assert version is not None
         self.on_answer(spec.name, version, "OK", self._clock() - start)
+        if self.tap is not None:
+            self.tap(request, response, version)
         return response
 
     async def _predict(self, request: predict_pb2.PredictRequest, version: int, sig: Signature,

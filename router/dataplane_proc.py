@@ -27,6 +27,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from router import log as rlog
+from router import reqlog
 from router.admission import SharedAdmission
 from router.batcher import Batcher
 from router.config import Config, from_dict, override
@@ -61,6 +62,7 @@ class DataPlaneProcess:
         self.dispatcher = Dispatcher(self.pool, on_retry=self.metrics.retried)
         self.batcher = Batcher(self.pool, self.dispatcher, self.metrics)
         self.dataplane = DataPlane(self.registry, self.dispatcher, batcher=self.batcher, on_answer=self._answered)
+        self.request_logs = reqlog.attach(self.dataplane, self.metrics, config.models)
         def label(model: str) -> str:
             return model if config.model(model) is not None else "_unknown"
 
@@ -223,6 +225,7 @@ class DataPlaneProcess:
         self.config = config
         for part in (self.registry, self.admission, self.grpc, self.rest):
             part.set_models(config)
+        self.request_logs.follow(config.models)
         self.grpc.config = override(config, **{"grpc.port": self.grpc.port})
         self.rest.config = override(config, **{"rest.port": self.rest.port})
         for name in removed:
@@ -310,6 +313,7 @@ class DataPlaneProcess:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close_transports()
+        await asyncio.to_thread(self.request_logs.close)  # what is queued is written
 
 async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
     while not stop.is_set():

@@ -251,6 +251,14 @@ class Metrics:
             "tfs_router_worker_tls_errors", "Calls to a worker that failed its TLS handshake "
             "(a certificate that does not verify: the worker stays out of rotation).", ("worker",), registry=r,
         )
+        self._log_records = Counter(
+            "tfs_router_request_log_records", "Requests and responses written to a model's request log "
+            "(router/reqlog.py).", ("model",), registry=r,
+        )
+        self._log_dropped = Counter(
+            "tfs_router_request_log_dropped", "Sampled requests not logged: the writer's queue was full "
+            "(a slow disk) or the write failed; the request itself was answered.", ("model", "reason"), registry=r,
+        )
         self._retries = Counter(
             "tfs_router_retries", "Requests sent again to another worker.",
             ("model", "reason"), registry=r,
@@ -437,6 +445,12 @@ class Metrics:
             self._restarts.remove(worker)
 
     # -- retries and load shedding -------------------------------------------
+
+    def request_logged(self, model: str) -> None:  # from the log's writer thread (prometheus-client locks)
+        self._log_records.labels(model).inc()
+
+    def request_log_dropped(self, model: str, reason: str) -> None:
+        self._log_dropped.labels(model, reason).inc()
 
     def retried(self, model: str, reason: str) -> None:
         key = (model, reason)

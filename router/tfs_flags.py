@@ -496,6 +496,21 @@ def _policy(config: config_pb2.ModelConfig, where: str) -> str:
     return "specific:" + ",".join(str(v) for v in versions)
 
 
+def _logging(cfg: config_pb2.LoggingConfig, where: str) -> dict[str, Any]:
+    """A model's logging_config as models[].logging (router/reqlog.py writes the files)."""
+    kind = cfg.log_collector_config.type
+    if kind not in ("", "tfrecord"):
+        raise FileError(f"{where}: logging_config.log_collector_config.type {kind!r}: not supported (empty or "
+                        "\"tfrecord\": files of PredictionLog records)")
+    rate = cfg.sampling_config.sampling_rate
+    if not 0.0 <= rate <= 1.0:
+        raise FileError(f"{where}: logging_config.sampling_config.sampling_rate {rate}: must be from 0 to 1")
+    prefix = cfg.log_collector_config.filename_prefix
+    if rate > 0 and not prefix:
+        raise FileError(f"{where}: logging_config.log_collector_config.filename_prefix: missing")
+    return {"sampling_rate": rate, "filename_prefix": prefix}
+
+
 def model_dicts(server: config_pb2.ModelServerConfig, batching: cfgmod.BatchingConfig,
                 path: str) -> list[dict[str, Any]]:
     """A ModelServerConfig's models as config data, each with ``batching``."""
@@ -516,8 +531,11 @@ def model_dicts(server: config_pb2.ModelServerConfig, batching: cfgmod.BatchingC
                             "directories only")
         if not os.path.isabs(c.base_path):
             raise FileError(f"{where}: base_path {c.base_path!r}: must be an absolute path (as in TF Serving)")
-        models.append({"name": c.name, "base_path": c.base_path, "version_policy": _policy(c, where),
-                       "version_labels": dict(c.version_labels), "batching": cfgmod.asdict_lists(batching)})
+        model = {"name": c.name, "base_path": c.base_path, "version_policy": _policy(c, where),
+                 "version_labels": dict(c.version_labels), "batching": cfgmod.asdict_lists(batching)}
+        if c.HasField("logging_config"):
+            model["logging"] = _logging(c.logging_config, where)
+        models.append(model)
     return models
 
 

@@ -1,4 +1,4 @@
-"""TFRecord framing, read without TensorFlow.
+"""TFRecord framing, read and written without TensorFlow.
 
 A TFRecord file is a sequence of records, each ``uint64 length``,
 ``uint32 masked_crc32c(length)``, ``length`` bytes of data and
@@ -6,7 +6,9 @@ A TFRecord file is a sequence of records, each ``uint64 length``,
 framing (a short or garbled tail is an error: TF's own reader would take it
 for the end of the file) but not the CRCs: a worker verifies those with
 TensorFlow's reader when it loads the version, before the router replays the
-same file (``router.control.warmup``).
+same file (``router.control.warmup``).  The writer (request logs:
+``router/reqlog.py``) computes both CRCs, so TensorFlow's ``TFRecordDataset``
+reads its files.
 """
 
 from __future__ import annotations
@@ -37,3 +39,16 @@ def split_records(data: bytes, path: Path | str, limit: int) -> list[bytes]:
         records.append(data[offset + _HEADER:offset + _HEADER + length])
         offset = end
     return records
+
+
+def _masked_crc(data: bytes) -> int:
+    import google_crc32c  # the C implementation: a record's CRC costs microseconds
+
+    crc = int(google_crc32c.value(data))
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame(data: bytes) -> bytes:
+    """One TFRecord record around ``data``, CRCs included (TensorFlow's reader checks them)."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))

@@ -98,6 +98,7 @@ class InProcessRouter:
 
         self.app = self.run(build())
         self.run(self.app.start())
+        self.run(self.app.wait_dataplanes())  # with dataplane.processes > 1 they serve the ports
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.app.grpc_port}")
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:

@@ -411,8 +411,8 @@ def test_malformed_models_config_is_one_line_with_line_and_column(capsys: pytest
     assert fails(capsys, f"--model_config_file={path}") == (
         f'{path}:{row}:{col}: Message type "tfsrouter.ServableVersionPolicy.Latest" has no field named '
         '"num_version".')
-    # logging_config is TF Serving's but not the router's: named, with its place
-    path = write(tmp_path, "logging.config", one_model("logging_config { }"))
+    # custom_model_config is TF Serving's but not the router's: named, with its place
+    path = write(tmp_path, "custom.config", one_model("custom_model_config { }"))
     assert fails(capsys, f"--model_config_file={path}").startswith(f"{path}:6:5: ")
 
 
