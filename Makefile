@@ -9,7 +9,7 @@ DEMO_DIR ?= models/ctr
 DEMO_STAMP := $(DEMO_DIR)/.built-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo run test protos bench-worker bench-router bench-tls bench-processes bench-state bench-batching bench-rollout bench-quotas \
+.PHONY: install demo run test protos bench-worker bench-router bench-tls bench-processes bench-state bench-reqlog bench-batching bench-rollout bench-quotas \
 	loadtest compose-up compose-test compose-down clean
 
 # Also Debian's jemalloc (for `workers.allocator: jemalloc`) when it is missing and
@@ -78,6 +78,10 @@ bench-processes: install demo
 
 bench-state: install demo
 	$(PY) -m loadtest.bench_state
+
+bench-reqlog: install demo
+	@command -v h2load >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client >/dev/null)
+	$(PY) -m loadtest.bench_reqlog
 
 bench-batching: install demo
 	$(PY) -m loadtest.bench_batching

@@ -46,6 +46,20 @@ SUFFIX = ".tfrecord"
 STALL_ENV = "TFS_ROUTER_TEST_LOG_STALL"  # tests: seconds the writer sleeps before each record (a slow disk)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (a message or bytes): its key, its length, the payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
 class RequestLog:
     """One model's collector."""
 
@@ -65,6 +79,7 @@ class RequestLog:
         self._written = 0
         self._last_error = 0.0
         self._stall = float(os.environ.get(STALL_ENV, "0") or 0)
+        self._meta: dict[tuple[int, str], bytes] = {}  # (version, signature) -> log_metadata, encoded
         self._thread = threading.Thread(target=self._run, name=f"request-log-{model}", daemon=True)
         self._thread.start()
 
@@ -82,15 +97,19 @@ class RequestLog:
 
     def _record(self, request: predict_pb2.PredictRequest, response: predict_pb2.PredictResponse,
                 version: int) -> bytes:
-        entry = prediction_log_pb2.PredictionLog()
-        meta = entry.log_metadata
-        meta.model_spec.name = self.model
-        meta.model_spec.version.value = version
-        meta.model_spec.signature_name = request.model_spec.signature_name
-        meta.sampling_config.sampling_rate = self.cfg.sampling_rate
-        entry.predict_log.request.CopyFrom(request)
-        entry.predict_log.response.CopyFrom(response)
-        return entry.SerializeToString()
+        """A serialized PredictionLog, put together from the request's and the response's own bytes
+        (a message is its fields' bytes one after the other: no copy of either into a new message)."""
+        key = (version, request.model_spec.signature_name)
+        meta = self._meta.get(key)
+        if meta is None:
+            m = prediction_log_pb2.LogMetadata()
+            m.model_spec.name = self.model
+            m.model_spec.version.value = version
+            m.model_spec.signature_name = key[1]
+            m.sampling_config.sampling_rate = self.cfg.sampling_rate
+            meta = self._meta[key] = _field(1, m.SerializeToString())  # PredictionLog.log_metadata
+        predict_log = _field(1, request.SerializeToString()) + _field(2, response.SerializeToString())
+        return meta + _field(6, predict_log)  # PredictionLog.predict_log
 
     def _run(self) -> None:
         while True:
