@@ -286,9 +286,9 @@ class App:
         assert self.fleet is not None
         stored = self._fleet_defaults.get(model)
         if self.fleet.leading and proposed is not None and proposed != stored:
-            if stored is None or stored not in served:  # nothing to switch from: the first default
+            if stored is None or stored not in served:  # nothing to hold: the first default, or the old is gone
                 self._fleet_defaults[model] = proposed
-                self._persist_now.set()
+                self._spawn(self._write_fleet_default(model), f"fleet-default-{model}")
                 return proposed
             if model not in self._fleet_switching:
                 self._spawn(self._fleet_switch(model, proposed), f"fleet-switch-{model}")
@@ -313,8 +313,7 @@ class App:
                             sorted(alive - holding))
             self._fleet_defaults[model] = version
             await self.persist()
-            log.info("model %s: the fleet's default is version %d (store revision %s)", model, version,
-                     self.store.revisions.get(f"models/{model}") if isinstance(self.store, EtcdStore) else None)
+            self._log_fleet_default(model)
             if self.passive is not None:
                 self.passive.settle()
             await self._release_fleet_hold(model)
@@ -327,6 +326,20 @@ class App:
                 await self.fleet.end_switch(model)
             except StoreUnavailable:
                 pass
+
+    async def _write_fleet_default(self, model: str) -> None:
+        try:
+            await self.persist()
+        except (StoreUnavailable, StateConflict) as exc:
+            log.warning("model %s: the fleet's default not written yet (%s); written with the next change", model,
+                        exc)
+            return
+        self._log_fleet_default(model)
+
+    def _log_fleet_default(self, model: str) -> None:
+        revision = self.store.revisions.get(f"models/{model}") if isinstance(self.store, EtcdStore) else None
+        log.info("model %s: the fleet's default is version %d (store revision %s)", model,
+                 self._fleet_defaults[model], revision)
 
     def _fleet_switch_begun(self, model: str, version: int, switch_id: str) -> None:
         self._spawn(self._hold_for_fleet(model, version, switch_id), f"fleet-hold-{model}")
@@ -418,9 +431,7 @@ class App:
                         pass  # logged above
             if "default" in entries and entries["default"].value != self._fleet_defaults.get(m.name):
                 self._fleet_defaults[m.name] = int(entries["default"].value)
-                if self.store is not None and isinstance(self.store, EtcdStore):
-                    log.info("model %s: the fleet's default is version %d (store revision %s)", m.name,
-                             self._fleet_defaults[m.name], self.store.revisions.get(f"models/{m.name}"))
+                self._log_fleet_default(m.name)
                 if self.passive is not None:
                     self.passive.settle()
                 self._spawn(self._release_fleet_hold(m.name), f"fleet-release-{m.name}")
