@@ -194,7 +194,8 @@ class RequestLogs:
     def configure(self, models: dict[str, RequestLogConfig]) -> None:
         """Start, keep or stop each model's collector (models with a sampling rate above 0)."""
         for name in [n for n in self.logs if n not in models or models[n] != self.logs[n].cfg]:
-            self.logs.pop(name).close()
+            # its queue is written out on a thread of its own: this runs on the event loop
+            threading.Thread(target=self.logs.pop(name).close, name=f"request-log-close-{name}", daemon=True).start()
         for name, cfg in models.items():
             if cfg.sampling_rate > 0 and name not in self.logs:
                 self.logs[name] = RequestLog(name, cfg, on_dropped=self._on_dropped, on_written=self._on_written)
