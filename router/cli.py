@@ -111,6 +111,12 @@ def render_status(status: dict[str, Any]) -> str:
     if rows:  # what comes from the runtime state, not the config
         out.append("")
         out.append(table(["set at run time", "what", "by", "when"], rows))
+    fleet = kept.get("fleet")
+    if fleet:  # state.backend: etcd (router/fleet.py)
+        who = "this replica" if fleet["leading"] else (fleet["leader"] or "nobody yet")
+        out.append("")
+        out.append(f"fleet: replica {fleet['replica']}; leader: {who}"
+                   + ("; the state store is unreachable (serving on with the last state)" if kept.get("stale") else ""))
     if status.get("dataplanes"):  # dataplane.processes > 1
         planes = [[d["index"], d["pid"] or "-", "yes" if d["ready"] else "no",
                    f"{d['revision']}/{d['revision_published']}" if d["revision"] is not None else "-",

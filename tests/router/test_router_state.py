@@ -246,6 +246,12 @@ def test_replicas_on_one_etcd_agree_and_keep_it_over_a_restart(model_root: Path,
                        for s in stubs}
             assert len(answers) == 1, (i, answers)
         assert routers[1].status()["state"]["models"]["ctr"]["routing"]["by"].startswith("admin ")
+        leaders = [r.status()["state"]["fleet"]["leading"] for r in routers]
+        assert sum(leaders) == 1, leaders
+        cli = subprocess.run([sys.executable, "-m", "router", "status", "--admin", routers[leaders.index(False)].admin_url],
+                             cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+        leader_name = routers[leaders.index(True)].status()["state"]["fleet"]["replica"]
+        assert f"leader: {leader_name}" in cli.stdout, cli.stdout
 
         # etcd down under load: no request fails, writes are refused (503); back: writes work, and reach
         # the others
