@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         from router import dataplane_proc
 
         dataplane_proc.main(argv[1:])
+    if argv[:1] == ["replay"]:  # logged requests sent again (router/replay.py)
+        from router import replay
+
+        raise SystemExit(replay.main(argv[1:]))
     if argv[:1] == ["serve"] and tfs_flags.wants(argv[1:]):
         tfs_flags.main(argv[1:], prog="tfs-router serve")
     args = parser().parse_args(argv)

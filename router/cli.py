@@ -238,6 +238,7 @@ def add_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=f"{name} a worker (out of / back into rotation)")
         p.add_argument("worker")
         admin_flags(p)
+    sub.add_parser("replay", add_help=False, help="send logged requests again (tfs-router replay --help)")
     p = sub.add_parser("state", help="the runtime state kept across restarts (state.dir)")
     p.add_argument("action", choices=("reset",), help="reset: drop a model's runtime decisions (routing set at "
                                                       "run time, pins, failed marks): back to the config")

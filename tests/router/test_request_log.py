@@ -170,3 +170,54 @@ def test_models_config_logging_config(tmp_path: Path) -> None:
         models('log_collector_config { type: "bigquery" filename_prefix: "x" } sampling_config { sampling_rate: 1 }')
     with pytest.raises(FileError, match="filename_prefix: missing"):
         models('sampling_config { sampling_rate: 0.5 }')
+
+
+def test_replay_of_a_log_reproduces_the_request_mix(model_root: Path, tmp_path: Path, logs_dir: Path) -> None:
+    """``tfs-router replay``: what a router logged, sent again to a router; the same requests, the same mix."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, child_env
+
+    prefix = tmp_path / "logs" / "ctr"
+    router = start(model_root, logs_dir, {"sampling_rate": 1.0, "filename_prefix": str(prefix)})
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(router.channel)
+        for i in range(30):
+            stub.Predict(predict_request("ctr", example_inputs(1 + i % 3, vocab=TEST_VOCAB, seed=i)), timeout=30)
+        target = f"127.0.0.1:{router.grpc_port}"
+
+        def written(n: int) -> None:  # the writer is a thread of its own: wait until the log holds n records
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and metric(router, "tfs_router_request_log_records_total") < n:
+                time.sleep(0.05)
+            assert metric(router, "tfs_router_request_log_records_total") == n
+
+        written(30)
+        files = sorted(str(p) for p in prefix.parent.glob("ctr.*.tfrecord"))
+        assert files
+        done = subprocess.run([sys.executable, "-m", "router", "replay", *files, "--target", target, "--json"],
+                              cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["sent"] == 30 and report["codes"] == {"OK": 30}, report
+        assert report["batch_sizes"] == {"1": 10, "2": 10, "3": 10}  # the mix the clients sent
+        assert report["versions"] == {"2": 30}  # unversioned again: the default answered
+        # open loop at a fixed rate for a while: the log sent over and over (the router logged the replay too)
+        written(60)
+        files = sorted(str(p) for p in prefix.parent.glob("ctr.*.tfrecord"))
+        done = subprocess.run([sys.executable, "-m", "router", "replay", *files, "--target", target, "--json",
+                               "--rate", "100", "--duration", "1"], cwd=ROOT, env=child_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert 90 <= report["sent"] <= 100 and report["codes"] == {"OK": report["sent"]}, report
+        # not a log: a clear error
+        bad = tmp_path / "bad.tfrecord"
+        bad.write_bytes(b"\x05\x00")
+        done = subprocess.run([sys.executable, "-m", "router", "replay", str(bad), "--target", target], cwd=ROOT,
+                              env=child_env(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "truncated" in done.stderr, done.stderr
+    finally:
+        assert router.terminate() == 0, router.log()
