@@ -157,9 +157,11 @@ class App:
         # etcd: the replicas are a fleet, and only its leader judges progressive delivery (router/fleet.py)
         self.fleet: Fleet | None = None
         if isinstance(self.store, EtcdStore):
-            fleet = self.fleet = Fleet(self.store, fleet_identity(), self._published_windows)
+            store = self.store
+            fleet = self.fleet = Fleet(store, fleet_identity(), self._published_windows)
             self.canary.judge = lambda: fleet.leading
             self.canary.windows = lambda model, p: fleet.merged(model, p.step_started_at, self.stats.take(model))
+            self.rest.readiness_detail = lambda: {"state_store": "stale" if store.stale else "ok"}
         self.canary.on_judged = lambda model: self._persist_now.set()
         # Passive routers on etcd switch their default version together (the leader decides, see
         # _fleet_switch): the fleet's default per model, as stored, and the switches under way here.
@@ -169,9 +171,6 @@ class App:
         if self.fleet is not None and self.passive is not None:
             self.passive.decide = self._decide_default
         self.metrics.track_control(self._state_families)
-        if isinstance(self.store, EtcdStore):
-            store = self.store
-            self.rest.readiness_detail = lambda: {"state_store": "stale" if store.stale else "ok"}
         self._config_routing = {m.name: self.canary.get(m.name) for m in config.models}
         self.admin.after_command = self._after_command
         self.admin.reset_state = self.reset_state
@@ -319,7 +318,8 @@ class App:
             await self._release_fleet_hold(model)
         except (StoreUnavailable, StateConflict) as exc:
             log.warning("model %s: the fleet's switch to version %d did not happen: %s", model, version, exc)
-            self._fleet_defaults = {m: v for m, v in self._fleet_defaults.items() if m != model or v != version}
+            if self._fleet_defaults.get(model) == version:  # not written: the stored default stands
+                del self._fleet_defaults[model]
         finally:
             self._fleet_switching.discard(model)
             try:

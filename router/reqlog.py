@@ -185,11 +185,16 @@ class RequestLog:
 class RequestLogs:
     """Every model's collector, by name; ``tap`` is the data plane's hook (router/dataplane.py)."""
 
-    def __init__(self, on_dropped: Callable[[str, str], None], on_written: Callable[[str], None]) -> None:
-        self._on_dropped = on_dropped
-        self._on_written = on_written
+    def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
+        self.dataplane = dataplane
+        self._on_dropped = metrics.request_log_dropped
+        self._on_written = metrics.request_logged
         self.logs: dict[str, RequestLog] = {}
-        self.follow: Callable[[Sequence[ModelConfig]], None] = lambda models: None  # set by attach()
+
+    def follow(self, models: Sequence[ModelConfig]) -> None:
+        """Log what ``models`` say from now on; the data plane taps answers only while a model logs."""
+        self.configure({m.name: m.logging for m in models})
+        self.dataplane.tap = self.tap if self.logs else None
 
     def configure(self, models: dict[str, RequestLogConfig]) -> None:
         """Start, keep or stop each model's collector (models with a sampling rate above 0)."""
@@ -213,14 +218,9 @@ class RequestLogs:
         self.logs.clear()
 
 
+
 def attach(dataplane: DataPlane, metrics: Metrics, models: Sequence[ModelConfig]) -> RequestLogs:
     """The request logs of ``models``, fed by ``dataplane`` (the router's, or a data-plane process's)."""
-    logs = RequestLogs(on_dropped=metrics.request_log_dropped, on_written=metrics.request_logged)
-
-    def follow(new: Sequence[ModelConfig]) -> None:
-        logs.configure({m.name: m.logging for m in new})
-        dataplane.tap = logs.tap if logs.logs else None  # nothing to do per request when no model logs
-
-    logs.follow = follow
-    follow(models)
+    logs = RequestLogs(dataplane, metrics)
+    logs.follow(models)
     return logs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from router.frontends.balanced import BalancedAcceptor, ConnectionShares, listening_socket
@@ -29,7 +30,7 @@ def _acceptor(sock: socket.socket, shares: ConnectionShares, index: int,
     return acceptor
 
 
-async def _connect_one_by_one(port: int, n: int, accepted: callable) -> list[asyncio.StreamWriter]:  # type: ignore[valid-type]
+async def _connect_one_by_one(port: int, n: int, accepted: Callable[[], int]) -> list[asyncio.StreamWriter]:
     writers = []
     base = accepted()
     for i in range(base, base + n):
